@@ -1,0 +1,31 @@
+"""Loads the compiled extension and reports how it was built."""
+import torch
+
+try:
+    from . import _C  # registers the torch.ops.pedro_ext kernels
+except ImportError as exc:  # pragma: no cover - exercised only on a broken install
+    raise ImportError(
+        "pedro_ext's compiled extension (pedro_ext._C) is missing or does not match this torch "
+        f"({torch.__version__}). Build it from the source checkout with\n"
+        "    pip install --no-build-isolation -e .\n"
+        "(add PEDRO_EXT_NO_CUDA=1 for a CPU-only build). Original error: " + str(exc)
+    ) from exc
+
+
+def build_info() -> dict:
+    """torch version, whether the CUDA kernels were compiled and for which architectures."""
+    archs = [a for a in _C.cuda_arch_list.replace(",", ";").split(";") if a]
+    return {
+        "torch": torch.__version__,
+        "torch_cuda": torch.version.cuda,
+        "cuda_kernels": bool(_C.with_cuda),
+        "cuda_archs": archs,
+        "cuda_available": torch.cuda.is_available(),
+    }
+
+
+def set_cuda_index_checks(enabled: bool) -> None:
+    """The CUDA ops check adapter_ids / seq_ids ranges on the host (one sync per call) unless a
+    CUDA graph is being captured. Servers that build ids themselves may turn this off; the
+    kernels still never read out of bounds (bad rows come out as NaN)."""
+    _C.set_cuda_index_checks(bool(enabled))

@@ -8,6 +8,17 @@ from torch import Tensor
 _ops = torch.ops.pedro_ext
 
 
+def _check_one_device(op: str, **tensors) -> None:
+    # The C++ checks cover this too, but a CPU tensor mixed with a meta or CUDA tensor would be
+    # dispatched to the other device's kernel first; say plainly what is wrong instead.
+    items = [(name, t) for name, t in tensors.items() if t is not None]
+    first_name, first = items[0]
+    for name, t in items[1:]:
+        if t.device != first.device:
+            raise ValueError(f"pedro_ext.{op}: {name} is on {t.device} but {first_name} is on "
+                             f"{first.device}; all arguments must be on one device")
+
+
 def rational(x: Tensor, rat_num: Tensor, rat_den: Tensor) -> Tensor:
     """Elementwise safe Pade unit with one coefficient set.
 
@@ -18,6 +29,7 @@ def rational(x: Tensor, rat_num: Tensor, rat_den: Tensor) -> Tensor:
         return P / (1 + abs(A))          # evaluated in fp32 (fp64 for float64)
     Gradients reach x, rat_num and rat_den; sign(0) is taken as 0 (torch.abs' convention).
     """
+    _check_one_device("rational", x=x, rat_num=rat_num, rat_den=rat_den)
     return _ops.rational.default(x, rat_num, rat_den)
 
 
@@ -39,6 +51,8 @@ def generate(pooled: Tensor, adapter_ids: Tensor, w_down: Tensor, b_down: Tensor
     and every bank tensor; a bank entry used by several requests sums their gradients in a fixed
     order, so backward is bitwise reproducible.
     """
+    _check_one_device("generate", pooled=pooled, adapter_ids=adapter_ids, w_down=w_down,
+                      b_down=b_down, rat_num=rat_num, rat_den=rat_den, w_up=w_up, b_up=b_up)
     return _ops.generate.default(pooled, adapter_ids, w_down, b_down, rat_num, rat_den, w_up,
                                  b_up)
 
@@ -52,6 +66,7 @@ def modulate(x: Tensor, vectors: Tensor, seq_ids: Optional[Tensor] = None) -> Te
     vectors may be a column slice of a wider tensor (row stride > D). Products are taken in
     fp32 and rounded once. This is PEDRO's whole per-token cost at decode time.
     """
+    _check_one_device("modulate", x=x, vectors=vectors, seq_ids=seq_ids)
     return _ops.modulate.default(x, vectors, seq_ids)
 
 
@@ -69,6 +84,9 @@ def generate_and_modulate(x: Tensor, pooled: Tensor, adapter_ids: Tensor, w_down
     token of the request with it while the tile is in shared memory, so x is read once and the
     vectors are never read back from memory.
     """
+    _check_one_device("generate_and_modulate", x=x, seq_ids=seq_ids, pooled=pooled,
+                      adapter_ids=adapter_ids, w_down=w_down, b_down=b_down, rat_num=rat_num,
+                      rat_den=rat_den, w_up=w_up, b_up=b_up)
     return _ops.generate_and_modulate.default(x, seq_ids, pooled, adapter_ids, w_down, b_down,
                                               rat_num, rat_den, w_up, b_up)
 

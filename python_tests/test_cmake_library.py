@@ -1,0 +1,48 @@
+"""The CMake-built library (for libtorch users) registers the same ops. CI builds it and points
+PEDRO_EXT_CMAKE_LIB at it; the check runs in a fresh process that never imports pedro_ext._C."""
+import os
+import subprocess
+import sys
+
+import pytest
+
+LIB = os.environ.get("PEDRO_EXT_CMAKE_LIB")
+
+SCRIPT = r"""
+import sys, torch
+torch.ops.load_library(sys.argv[1])
+sys.path.insert(0, sys.argv[2])
+from helpers import make_bank, bank_args
+import importlib.util
+spec = importlib.util.spec_from_file_location("ref", sys.argv[3])
+ref = importlib.util.module_from_spec(spec); spec.loader.exec_module(ref)
+bank = make_bank(5, 9, 3, 17, dtype=torch.float64)
+pooled = torch.randn(6, 9, dtype=torch.float64)
+ids = torch.tensor([0, 4, -1, 4, 2, 1])
+v = torch.ops.pedro_ext.generate(pooled, ids, *bank_args(bank))
+assert torch.allclose(v, ref.generate(pooled, ids, *bank_args(bank)), atol=1e-12)
+x = torch.randn(6, 3, 17, dtype=torch.float64)
+assert torch.equal(torch.ops.pedro_ext.modulate(x, v, None), x * v[:, None])
+assert "pedro_ext._C" not in sys.modules
+print("ok")
+"""
+
+
+@pytest.mark.skipif(not LIB, reason="PEDRO_EXT_CMAKE_LIB not set (CI sets it after the CMake build)")
+def test_cmake_library_registers_the_ops():
+    here = os.path.dirname(os.path.abspath(__file__))
+    root = os.path.dirname(here)
+    # helpers imports pedro_ext.activations (pure Python); the package __init__ would load _C,
+    # so give the child a stub package that holds only that module.
+    stub = os.path.join(os.environ.get("TMPDIR", "/tmp"), "pedro_stub")
+    os.makedirs(os.path.join(stub, "pedro_ext"), exist_ok=True)
+    open(os.path.join(stub, "pedro_ext", "__init__.py"), "w").close()
+    with open(os.path.join(root, "pedro_ext", "activations.py")) as src, \
+            open(os.path.join(stub, "pedro_ext", "activations.py"), "w") as dst:
+        dst.write(src.read())
+    env = dict(os.environ, PYTHONPATH=stub)
+    out = subprocess.run([sys.executable, "-c", SCRIPT, LIB, here,
+                          os.path.join(root, "pedro_ext", "reference.py")],
+                         capture_output=True, text=True, env=env, cwd=stub, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip().endswith("ok")

@@ -32,14 +32,15 @@ print("ok")
 def test_cmake_library_registers_the_ops():
     here = os.path.dirname(os.path.abspath(__file__))
     root = os.path.dirname(here)
-    # helpers imports pedro_ext.activations (pure Python); the package __init__ would load _C,
+    # helpers imports pedro_ext.activations (pure Python, with .reference); the package __init__ would load _C,
     # so give the child a stub package that holds only that module.
     stub = os.path.join(os.environ.get("TMPDIR", "/tmp"), "pedro_stub")
     os.makedirs(os.path.join(stub, "pedro_ext"), exist_ok=True)
     open(os.path.join(stub, "pedro_ext", "__init__.py"), "w").close()
-    with open(os.path.join(root, "pedro_ext", "activations.py")) as src, \
-            open(os.path.join(stub, "pedro_ext", "activations.py"), "w") as dst:
-        dst.write(src.read())
+    for name in ("activations.py", "reference.py"):
+        with open(os.path.join(root, "pedro_ext", name)) as src, \
+                open(os.path.join(stub, "pedro_ext", name), "w") as dst:
+            dst.write(src.read())
     env = dict(os.environ, PYTHONPATH=stub)
     out = subprocess.run([sys.executable, "-c", SCRIPT, LIB, here,
                           os.path.join(root, "pedro_ext", "reference.py")],

@@ -1,0 +1,105 @@
+"""PedroConfig: what a PEDRO adapter is, saved as adapter_config.json (peft's layout)."""
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field
+from typing import List, Optional, Tuple
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+POOLING_MODES = ("mean", "last", "max", "attention")
+
+# Modules whose outputs PEDRO scales, per architecture: Q, V and the FFN up-projection.
+DEFAULT_TARGET_MODULES = {
+    "llama": ["q_proj", "v_proj", "up_proj"],
+    "mistral": ["q_proj", "v_proj", "up_proj"],
+    "qwen2": ["q_proj", "v_proj", "up_proj"],
+    "qwen3": ["q_proj", "v_proj", "up_proj"],
+}
+
+
+@dataclass
+class PedroConfig:
+    """Configuration of one PEDRO adapter.
+
+    r: bottleneck width of each layer's vector generator (d -> r -> D).
+    pooling: how the prompt's hidden states become one vector: "mean", "last", "max" or
+        "attention" (a learned query per layer: softmax over prompt positions of h . w).
+    target_modules: Linear modules (name suffixes inside a decoder layer) whose outputs are
+        scaled, in the order their slices sit in the generated vector. The generator reads the
+        input of the first one (q_proj: the normalised hidden states). None: the architecture's
+        default (Q, V, FFN up).
+    rational_degrees: (m, n) of the rational activation P_m / (1 + |A_n|).
+    rational_init: "gelu" (a least-squares fit of GELU on [-3, 3]) or "identity".
+    rational_trainable: whether the rational coefficients are trained at all.
+    dropout: dropout on the pooled vector during training.
+    init_scale: std of w_down is init_scale / sqrt(d); w_up and b_up start at zero, so a fresh
+        adapter is exactly the identity.
+    layers_to_transform: decoder-layer indices to adapt (None: all).
+    """
+
+    r: int = 12
+    pooling: str = "mean"
+    target_modules: Optional[List[str]] = None
+    rational_degrees: Tuple[int, int] = (5, 4)
+    rational_init: str = "gelu"
+    rational_trainable: bool = True
+    dropout: float = 0.0
+    init_scale: float = 1.0
+    layers_to_transform: Optional[List[int]] = None
+    inference_mode: bool = False
+    base_model_name_or_path: Optional[str] = None
+    peft_type: str = "PEDRO"
+    # Filled in when the adapter is attached, checked when it is loaded into a model.
+    model_type: Optional[str] = None
+    hidden_size: Optional[int] = None
+    num_layers: Optional[int] = None
+    extra: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        if isinstance(self.target_modules, str):
+            self.target_modules = [self.target_modules]
+        self.rational_degrees = tuple(int(x) for x in self.rational_degrees)
+        if not isinstance(self.r, int) or self.r < 1:
+            raise ValueError(f"PedroConfig.r must be a positive int, got {self.r!r}")
+        if self.pooling not in POOLING_MODES:
+            raise ValueError(f"PedroConfig.pooling must be one of {POOLING_MODES}, got {self.pooling!r}")
+        m, n = self.rational_degrees
+        if len(self.rational_degrees) != 2 or m < 0 or n < 0:
+            raise ValueError(f"PedroConfig.rational_degrees must be (m >= 0, n >= 0), got {self.rational_degrees}")
+        if self.rational_init not in ("gelu", "identity"):
+            raise ValueError(f"PedroConfig.rational_init must be 'gelu' or 'identity', got {self.rational_init!r}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"PedroConfig.dropout must be in [0, 1), got {self.dropout}")
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["rational_degrees"] = list(self.rational_degrees)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "PedroConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if d.get("peft_type", "PEDRO") != "PEDRO":
+            raise ValueError(f"not a PEDRO adapter config: peft_type={d.get('peft_type')!r}")
+        cfg = cls(**{k: v for k, v in d.items() if k in known})
+        cfg.extra.update({k: d[k] for k in unknown})
+        return cfg
+
+    def save_pretrained(self, save_directory: str) -> None:
+        os.makedirs(save_directory, exist_ok=True)
+        with open(os.path.join(save_directory, CONFIG_NAME), "w") as f:
+            json.dump(self.to_dict(), f, indent=2, sort_keys=True)
+
+    @classmethod
+    def from_pretrained(cls, path: str) -> "PedroConfig":
+        file = os.path.join(path, CONFIG_NAME)
+        if not os.path.isfile(file):
+            raise FileNotFoundError(f"no {CONFIG_NAME} in {path!r}")
+        with open(file) as f:
+            try:
+                data = json.load(f)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"{file} is not valid JSON: {exc}") from exc
+        return cls.from_dict(data)

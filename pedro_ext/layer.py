@@ -1,5 +1,6 @@
 """PEDRO's per-layer pieces: one adapter's generator weights, the per-layer bank that stacks every
 adapter for the ops, pooling, and the Linear wrapper that scales a module's output."""
+import contextlib
 import math
 from typing import Dict, List, Optional, Sequence
 
@@ -8,10 +9,24 @@ import torch.nn.functional as F
 from torch import nn
 
 from .activations import rational_init
+from . import ops, reference
 from .config import PedroConfig
-from .ops import generate, modulate
 
 BANK_KEYS = ("w_down", "b_down", "rat_num", "rat_den", "w_up", "b_up")
+
+# The op implementations the layers call; the benchmark swaps in the pure-PyTorch reference.
+_OPS = {"generate": ops.generate, "modulate": ops.modulate}
+
+
+@contextlib.contextmanager
+def reference_ops():
+    """Within this block PEDRO layers run pedro_ext.reference instead of the kernels."""
+    saved = dict(_OPS)
+    _OPS.update(generate=reference.generate, modulate=reference.modulate)
+    try:
+        yield
+    finally:
+        _OPS.update(saved)
 
 
 class PedroAdapterWeights(nn.Module):
@@ -180,7 +195,7 @@ class PedroLayerBank(nn.Module):
         if self.training:
             dropout = max(self.adapters[n].dropout for n in self.order)
             pooled = F.dropout(pooled, dropout, training=True) if dropout > 0 else pooled
-        self.vectors = generate(pooled.to(x.dtype), ids, *(bank[k] for k in BANK_KEYS))
+        self.vectors = _OPS["generate"](pooled.to(x.dtype), ids, *(bank[k] for k in BANK_KEYS))
         self._vectors_tag = ctx.tag
         ctx.vector_computations += 1
 
@@ -229,4 +244,4 @@ class PedroLinear(nn.Module):
         if y.dim() != 3 or y.shape[0] != v.shape[0]:
             raise RuntimeError(f"PEDRO: expected a [B, T, {end - start}] output with B = "
                                f"{v.shape[0]}, got {tuple(y.shape)}")
-        return modulate(y, v)
+        return _OPS["modulate"](y, v)

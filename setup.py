@@ -65,9 +65,11 @@ def _nvidia_include_dirs():
 def _extension():
     sources = ["csrc/ops.cpp", "csrc/checks.cpp", "csrc/grouping.cpp", "csrc/cpu/ops_cpu.cpp",
                "csrc/python_module.cpp"]
-    cxx = ["-O3"]
+    cxx = ["-O3", "-fopenmp"]  # at::parallel_for is serial in a TU built without OpenMP
+    link = ["-fopenmp"]
     if not _want_cuda():
-        return CppExtension("pedro_ext._C", sources, extra_compile_args={"cxx": cxx})
+        return CppExtension("pedro_ext._C", sources, extra_compile_args={"cxx": cxx},
+                            extra_link_args=link)
     os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_ARCHS)
     archs = os.environ["TORCH_CUDA_ARCH_LIST"]
     defines = ["-DPEDRO_EXT_WITH_CUDA", f'-DPEDRO_EXT_CUDA_ARCHS="{archs}"']
@@ -77,6 +79,7 @@ def _extension():
         sources + ["csrc/cuda/ops_cuda.cu"],
         include_dirs=_nvidia_include_dirs(),
         extra_compile_args={"cxx": cxx + defines, "nvcc": nvcc + defines},
+        extra_link_args=link,
     )
 
 

@@ -31,3 +31,27 @@ def randomize_adapter(pedro, name, seed, scale=0.5):
         for p in pedro.adapter_parameters(name):
             if p.dim() >= 1 and p.shape[0] > 0:
                 p.add_(torch.randn(p.shape, generator=g) * scale * (0.05 if p.dim() == 1 and p.numel() < 8 else 1.0))
+
+
+class CharTokenizer:
+    """A stand-in tokenizer for the tiny models: one id per character (ids 3..96)."""
+    pad_token_id, bos_token_id, eos_token_id = 0, 1, 2
+
+    class _Enc:
+        def __init__(self, ids):
+            self.input_ids = ids
+
+    def __call__(self, text, add_special_tokens=False):
+        return self._Enc([3 + (ord(c) % 94) for c in text])
+
+
+def toy_pairs(n, seed=0):
+    """A learnable toy task: the response names the prompt's first letter's group."""
+    import random
+    rng = random.Random(seed)
+    words = ["apple", "berry", "cherry", "dates", "elder"]
+    pairs = []
+    for _ in range(n):
+        w = rng.choice(words)
+        pairs.append((f"{w} {rng.randint(10, 99)} is", f" {w[0] * 3}"))
+    return pairs

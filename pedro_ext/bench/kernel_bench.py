@@ -25,6 +25,9 @@ def distinct_counts(batch: int) -> List[int]:
 
 class KernelBench:
     def __init__(self, preset: Preset, device: torch.device, cuda_graph: bool = False):
+        if preset.bank < max(preset.batches):
+            raise ValueError(f"preset {preset.name}: bank N={preset.bank} is smaller than the "
+                             f"largest batch {max(preset.batches)} (which uses N distinct adapters)")
         self.p, self.device, self.cuda_graph = preset, device, cuda_graph
         self.dtype = getattr(torch, preset.dtype)
         self.es = torch.empty(0, dtype=self.dtype).element_size()
@@ -54,7 +57,8 @@ class KernelBench:
         for i in range(ROTATE):
             gi = torch.Generator().manual_seed(1000 * i + batch + distinct)
             chosen = torch.randperm(self.p.bank, generator=gi)[:distinct]
-            idx_cpu = chosen[torch.randint(0, distinct, (batch,), generator=gi)]
+            # exactly `distinct` adapters, spread evenly over the rows in a random order
+            idx_cpu = chosen[torch.arange(batch) % distinct][torch.randperm(batch, generator=gi)]
             x = torch.randn(batch, tokens, self.p.d, generator=gi).to(self.device, self.dtype)
             idx = idx_cpu.to(self.device)
             pooled = x.mean(1)

@@ -36,7 +36,7 @@ LLAMA7B_LAYER = dict(hidden_size=4096, intermediate_size=11008, num_attention_he
 
 PRESETS = {
     "cpu": Preset(
-        name="cpu", dtype="float32", d=1024, outs=(1024, 1024, 2752), bank=64,
+        name="cpu", dtype="float32", d=1024, outs=(1024, 1024, 2752), bank=128,
         batches=(1, 8, 32, 128), ranks=(8, 16, 64), prompt_len=16, pedro_r=12, repeats=11,
         warmup=3,
         model=dict(hidden_size=512, intermediate_size=1376, num_attention_heads=8,

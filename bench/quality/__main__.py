@@ -77,6 +77,7 @@ def run_one(task, method, seed, splits, args, tok):
     params = trainable_params(net)
     cfg = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=METHODS[method]["lr"],
                       rational_lr=args.rational_lr, rational_mode="bilevel",
+                      bilevel_every=args.bilevel_every,
                       eval_every=args.eval_every, max_length=args.max_length, seed=seed,
                       progress=False)
     t0 = time.time()
@@ -167,17 +168,19 @@ def main(argv=None):
     ap.add_argument("--quick", action="store_true", help="1 seed, bbc-64 only, few steps")
     ap.add_argument("--out", default="bench/results/quality")
     ap.add_argument("--seeds", type=int, default=3)
-    ap.add_argument("--steps", type=int, default=48)
+    ap.add_argument("--steps", type=int, default=32)
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--eval-every", type=int, default=16)
     ap.add_argument("--max-length", type=int, default=128)
-    ap.add_argument("--max-words", type=int, default=60, help="article words kept in a prompt")
+    ap.add_argument("--max-words", type=int, default=48, help="article words kept in a prompt")
     ap.add_argument("--rational-lr", type=float, default=1e-4)
+    ap.add_argument("--bilevel-every", type=int, default=4,
+                    help="PEDRO: one held-out rational step per this many training steps")
     ap.add_argument("--tasks", default="bbc-64,bbc-256,chat")
     ap.add_argument("--methods", default="pedro,lora,ia3")
     args = ap.parse_args(argv)
     if args.quick:
-        args.seeds, args.steps, args.eval_every, args.tasks = 1, 8, 4, "bbc-64"
+        args.seeds, args.steps, args.eval_every, args.tasks = 1, 4, 2, "bbc-64"
     os.makedirs(args.out, exist_ok=True)
     t0 = time.time()
     _, tok = load_smollm2()

@@ -4,6 +4,7 @@ B requests, each with an adapter drawn from a bank of N (all distinct when B <= 
 P tokens, G new tokens with HF generate (greedy, length forced). prefill_ms = median time of
 generate(max_new_tokens=1); decode tokens/s = B * (G - 1) / (median total - prefill)."""
 import contextlib
+import statistics
 from typing import List
 
 import torch
@@ -59,13 +60,13 @@ class ModelBench:
                             generator=g).to(self.device)
         return ids, torch.ones_like(ids)
 
-    def _time_generate(self, gen, ids, mask):
+    def _time_once(self, gen, ids, mask):
+        """(total ms, prefill ms) of one generate call each, after a warm-up call."""
         def run(new):
             return lambda i: gen(input_ids=ids, attention_mask=mask, max_new_tokens=new,
                                  min_new_tokens=new, do_sample=False, pad_token_id=0)
-        w, r = 1, self.p.model_repeats
-        total = median_ms(run(self.p.model_new_tokens), self.device, w, r)
-        prefill = median_ms(run(1), self.device, w, r)
+        total = median_ms(run(self.p.model_new_tokens), self.device, 1, 1)
+        prefill = median_ms(run(1), self.device, 0, 1)
         return total, prefill
 
     @contextlib.contextmanager
@@ -112,13 +113,23 @@ class ModelBench:
             raise ValueError(method)
 
     def rows(self, progress=None) -> List[dict]:
+        """Methods are measured in interleaved rounds (base, pedro, ..., base, pedro, ...) and
+        each reports its median over rounds, so machine drift hits every method alike."""
         out = []
+        methods = ("base", "pedro", "pedro_reference", "lora_bmm", "lora_peft")
         for batch in self.p.model_batches:
             ids, mask = self._prompts(batch)
+            samples = {m: ([], []) for m in methods}
+            for _ in range(self.p.model_repeats):
+                for method in methods:
+                    with torch.no_grad(), self._method(method, batch) as gen:
+                        total, prefill = self._time_once(gen, ids, mask)
+                    samples[method][0].append(total)
+                    samples[method][1].append(prefill)
             base_tps = None
-            for method in ("base", "pedro", "pedro_reference", "lora_bmm", "lora_peft"):
-                with torch.no_grad(), self._method(method, batch) as gen:
-                    total, prefill = self._time_generate(gen, ids, mask)
+            for method in methods:
+                total = statistics.median(samples[method][0])
+                prefill = statistics.median(samples[method][1])
                 decode_ms = max(total - prefill, 1e-6)
                 tps = batch * (self.p.model_new_tokens - 1) / (decode_ms * 1e-3)
                 params = {"base": 0, "pedro": self.pedro_params, "pedro_reference": self.pedro_params}
@@ -127,7 +138,7 @@ class ModelBench:
                            rank=self.lora_rank if method.startswith("lora") else (
                                self.p.pedro_r if method.startswith("pedro") else 0),
                            median_ms=decode_ms / (self.p.model_new_tokens - 1),
-                           tokens_per_s=tps, prefill_ms=prefill,
+                           tokens_per_s=tps, prefill_ms=prefill, rounds=self.p.model_repeats,
                            params_per_adapter=params.get(method, self.lora_params))
                 if method == "base":
                     base_tps = tps

@@ -91,6 +91,8 @@ class PedroModel(nn.Module):
         try:
             return super().__getattr__(name)
         except AttributeError:
+            if name == "base_model":  # not set yet (copy / unpickling): no recursion
+                raise
             return getattr(self.base_model, name)
 
     def get_base_model(self) -> nn.Module:

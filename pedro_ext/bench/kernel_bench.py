@@ -171,5 +171,8 @@ class KernelBench:
         ms = median_ms(lambda i: pedro_ext.modulate(x, v), self.device, self.p.warmup, self.p.repeats)
         gbs = (2 * x.numel() + v.numel()) * self.es / (ms * 1e-3) / 1e9
         copy = copy_bandwidth_gbs(x.numel(), self.dtype, self.device, self.p.warmup, self.p.repeats)
+        # an out-of-place op also pays for its fresh output buffer: clone() is that baseline
+        clone_ms = median_ms(lambda i: x.clone(), self.device, self.p.warmup, self.p.repeats)
+        clone = 2 * x.numel() * self.es / (clone_ms * 1e-3) / 1e9
         return dict(shape=[b, t, dd], modulate_ms=ms, modulate_gbs=gbs, copy_gbs=copy,
-                    fraction_of_copy=gbs / copy)
+                    fraction_of_copy=gbs / copy, clone_gbs=clone, fraction_of_clone=gbs / clone)

@@ -431,6 +431,17 @@ Tensor acc_empty(const Tensor& like, at::IntArrayRef sizes) {
   return at::empty(sizes, like.options().dtype(at::toOpMathType(like.scalar_type())));
 }
 
+// z = pooled @ w_down[ids] + b_down[ids] in acc precision (both generate and its backward).
+template <typename T, typename I>
+void launch_shrink(const Tensor& pooled, const I* ids, const Tensor& w_down, const Tensor& b_down,
+                   const BankView& bv, Tensor& z, cudaStream_t stream) {
+  if (bv.r == 0 || pooled.size(0) == 0) return;
+  shrink_kernel<T, I><<<pooled.size(0), kThreads, 0, stream>>>(
+      pooled.data_ptr<T>(), ids, w_down.data_ptr<T>(), b_down.data_ptr<T>(), bv,
+      z.data_ptr<at::opmath_type<T>>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
 // Shared by generate and generate_and_modulate: checks, shrink, expand (optionally fused).
 std::tuple<Tensor, Tensor> generate_cuda_impl(const char* op, const Tensor* x_in,
                                               const std::optional<Tensor>& seq_ids,
@@ -474,12 +485,7 @@ std::tuple<Tensor, Tensor> generate_cuda_impl(const char* op, const Tensor* x_in
     using acc_t = at::opmath_type<scalar_t>;
     AT_DISPATCH_INDEX_TYPES(ids.scalar_type(), "generate_cuda_ids", [&] {
       const index_t* idp = ids.data_ptr<index_t>();
-      if (s.r > 0) {
-        shrink_kernel<scalar_t, index_t><<<s.B, kThreads, 0, stream>>>(
-            pooled.data_ptr<scalar_t>(), idp, w_down.data_ptr<scalar_t>(),
-            b_down.data_ptr<scalar_t>(), bv, z.data_ptr<acc_t>());
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
-      }
+      launch_shrink<scalar_t, index_t>(pooled, idp, w_down, b_down, bv, z, stream);
       const dim3 grid(s.B, (s.D + kTile - 1) / kTile);
       const size_t smem = s.r * sizeof(acc_t);
       auto launch = [&](auto kernel, const scalar_t* xp, scalar_t* yp) {
@@ -600,12 +606,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> generate_back
     if (s.B > 0) {
       AT_DISPATCH_INDEX_TYPES(ids.scalar_type(), "generate_bwd_cuda_ids", [&] {
         const index_t* idp = ids.data_ptr<index_t>();
-        if (s.r > 0) {
-          shrink_kernel<scalar_t, index_t><<<s.B, kThreads, 0, stream>>>(
-              pooled.data_ptr<scalar_t>(), idp, w_down.data_ptr<scalar_t>(),
-              b_down.data_ptr<scalar_t>(), bv, z.data_ptr<acc_t>());
-          C10_CUDA_KERNEL_LAUNCH_CHECK();
-        }
+        launch_shrink<scalar_t, index_t>(pooled, idp, w_down, b_down, bv, z, stream);
         backward_request_kernel<scalar_t, index_t><<<s.B, kThreads, 2 * s.r * sizeof(acc_t), stream>>>(
             z.data_ptr<acc_t>(), idp, grad.data_ptr<scalar_t>(), w_down.data_ptr<scalar_t>(),
             rat_num.data_ptr<scalar_t>(), rat_den.data_ptr<scalar_t>(), w_up.data_ptr<scalar_t>(),

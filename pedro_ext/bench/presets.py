@@ -49,7 +49,7 @@ PRESETS = {
         repeats=50, warmup=10,
         model=dict(LLAMA7B_LAYER, num_hidden_layers=4),
         model_batches=(1, 8, 32, 128), model_bank=64, model_prompt_len=128,
-        model_new_tokens=64, model_repeats=5),
+        model_new_tokens=64, model_repeats=3),
     "tiny": Preset(  # for the test suite: seconds
         name="tiny", dtype="float32", d=64, outs=(64, 32, 96), bank=64, batches=(1, 8),
         ranks=(8,), prompt_len=8, pedro_r=4, repeats=3, warmup=1,

@@ -63,8 +63,8 @@ def _nvidia_include_dirs():
 
 
 def _extension():
-    sources = ["csrc/ops.cpp", "csrc/checks.cpp", "csrc/grouping.cpp", "csrc/cpu/ops_cpu.cpp",
-               "csrc/python_module.cpp"]
+    sources = ["csrc/ops.cpp", "csrc/checks.cpp", "csrc/grouping.cpp", "csrc/autograd.cpp",
+               "csrc/cpu/ops_cpu.cpp", "csrc/python_module.cpp"]
     cxx = ["-O3", "-fopenmp"]  # at::parallel_for is serial in a TU built without OpenMP
     link = ["-fopenmp"]
     if not _want_cuda():

@@ -162,25 +162,10 @@ def _generate_backward(ctx, grad_vectors):
     return _generate_grads(ctx, grad_vectors)
 
 
-def _modulate_setup(ctx, inputs, output):
-    x, vectors, seq_ids = inputs
-    ctx.num_seqs = vectors.shape[0]
-    ctx.save_for_backward(x, vectors, seq_ids)
-
-
 def _modulate_grads(ctx, grad, x, vectors, seq_ids):
-    grad_x = grad_v = None
-    if ctx.needs_input_grad[0]:
-        grad_x = _ops.modulate.default(grad, vectors, seq_ids)
-    if ctx.needs_input_grad[1]:
-        grad_v = _ops.modulate_backward_vectors.default(grad, x, seq_ids, ctx.num_seqs)
+    grad_x = _ops.modulate.default(grad, vectors, seq_ids) if ctx.needs_input_grad[0] else None
+    grad_v = _ops.modulate_backward_vectors.default(grad, x, seq_ids, ctx.num_seqs)
     return grad_x, grad_v
-
-
-def _modulate_backward(ctx, grad):
-    x, vectors, seq_ids = ctx.saved_tensors
-    grad_x, grad_v = _modulate_grads(ctx, grad, x, vectors, seq_ids)
-    return grad_x, grad_v, None
 
 
 def _gm_setup(ctx, inputs, output):
@@ -192,9 +177,7 @@ def _gm_setup(ctx, inputs, output):
 
 def _gm_backward(ctx, grad_y, grad_vectors):
     saved = ctx.saved_tensors
-    x, seq_ids, vectors = saved[7], saved[8], saved[9]
-    grad_x = _ops.modulate.default(grad_y, vectors, seq_ids) if ctx.needs_input_grad[0] else None
-    grad_v = _ops.modulate_backward_vectors.default(grad_y, x, seq_ids, ctx.num_seqs)
+    grad_x, grad_v = _modulate_grads(ctx, grad_y, saved[7], saved[9], saved[8])
     if grad_vectors is not None:
         grad_v = grad_v + grad_vectors
     g_pooled, _, g_wd, g_bd, g_num, g_den, g_wu, g_bu = _generate_grads(ctx, grad_v)
@@ -205,7 +188,6 @@ torch.library.register_autograd("pedro_ext::rational", _rational_backward,
                                 setup_context=_rational_setup)
 torch.library.register_autograd("pedro_ext::generate", _generate_backward,
                                 setup_context=_generate_setup)
-torch.library.register_autograd("pedro_ext::modulate", _modulate_backward,
-                                setup_context=_modulate_setup)
+# modulate's autograd is registered in C++ (csrc/autograd.cpp): it is the per-token hot path.
 torch.library.register_autograd("pedro_ext::generate_and_modulate", _gm_backward,
                                 setup_context=_gm_setup)

@@ -7,8 +7,8 @@ from typing import Dict, Iterable, List, Optional, Sequence, Union
 import torch
 from torch import nn
 
-from .config import CONFIG_NAME, DEFAULT_TARGET_MODULES, WEIGHTS_NAME, PedroConfig
-from .layer import BANK_KEYS, PedroAdapterWeights, PedroLayerBank, PedroLinear, ServeContext
+from .config import DEFAULT_TARGET_MODULES, WEIGHTS_NAME, PedroConfig
+from .layer import PedroAdapterWeights, PedroLayerBank, PedroLinear, ServeContext
 
 BASE_NAMES = (None, "__base__")
 _LAYER_RE = re.compile(r"^(?P<layer>.*\.layers\.(?P<idx>\d+))\.(?P<rest>.+)$")

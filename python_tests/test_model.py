@@ -6,7 +6,6 @@ import pytest
 import torch
 import transformers
 
-import pedro_ext
 from pedro_ext import PedroConfig, PedroModel, get_pedro_model
 
 from tiny_models import ARCHS, randomize_adapter, tiny_model

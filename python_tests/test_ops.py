@@ -7,7 +7,7 @@ import pedro_ext
 from pedro_ext import reference as ref
 from pedro_ext.activations import GELU_DEN, GELU_NUM, gelu
 
-from conftest import TOL, assert_close
+from conftest import assert_close
 from helpers import bank_args, make_bank, random_ids
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]

@@ -171,8 +171,9 @@ class PedroLayerBank(nn.Module):
         return bank
 
     def stacked(self, dtype, device):
-        params = [p for w in self.adapters.values() for p in w.parameters()]
-        if torch.is_grad_enabled() and any(p.requires_grad for p in params):
+        # (grad mode first: serving under no_grad never walks a large bank's parameters)
+        if torch.is_grad_enabled() and any(p.requires_grad for w in self.adapters.values()
+                                           for p in w.parameters()):
             return self._stack(dtype, device)  # differentiable, rebuilt every call
         key = (dtype, device)
         if self._cache is None or self._cache[0] != key:

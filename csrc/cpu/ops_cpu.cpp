@@ -87,24 +87,27 @@ __attribute__((target("avx2"))) void scale_row_bf16_avx2(c10::BFloat16* y,
 const bool kHasAvx2 = __builtin_cpu_supports("avx2");
 const bool kHasF16c = kHasAvx2 && __builtin_cpu_supports("f16c");
 
+// The half types: the SIMD path when the CPU has it, else the scalar loop.
+template <typename T>
+void scale_row_half(bool simd, void (*simd_row)(T*, const T*, const T*, int64_t), T* y,
+                    const T* x, const T* v, int64_t n) {
+  if (simd) {
+    simd_row(y, x, v, n);
+    return;
+  }
+  for (int64_t j = 0; j < n; ++j) y[j] = static_cast<T>(float(x[j]) * float(v[j]));
+}
+
 template <>
 void scale_row(c10::BFloat16* __restrict__ y, const c10::BFloat16* __restrict__ x,
                const c10::BFloat16* __restrict__ v, int64_t n) {
-  if (kHasAvx2) {
-    scale_row_bf16_avx2(y, x, v, n);
-    return;
-  }
-  for (int64_t j = 0; j < n; ++j) y[j] = static_cast<c10::BFloat16>(float(x[j]) * float(v[j]));
+  scale_row_half<c10::BFloat16>(kHasAvx2, scale_row_bf16_avx2, y, x, v, n);
 }
 
 template <>
 void scale_row(c10::Half* __restrict__ y, const c10::Half* __restrict__ x,
                const c10::Half* __restrict__ v, int64_t n) {
-  if (kHasF16c) {
-    scale_row_f16c(y, x, v, n);
-    return;
-  }
-  for (int64_t j = 0; j < n; ++j) y[j] = static_cast<c10::Half>(float(x[j]) * float(v[j]));
+  scale_row_half<c10::Half>(kHasF16c, scale_row_f16c, y, x, v, n);
 }
 #endif
 

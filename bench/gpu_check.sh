@@ -1,32 +1,74 @@
 #!/usr/bin/env bash
-# One call on a GPU machine (no internet; torch + nvcc + transformers + peft installed there):
-# build with all cores, run the CUDA tests, run the GPU benchmark preset. Logs, bench.json and
-# bench.png go to $OUT (default ./gpu_out). Budget: under 7 minutes on an H100.
-#   device run:  bash bench/gpu_check.sh
+# The GPU check: one call on a GPU machine (no internet; torch + nvcc + transformers + peft there).
+# Builds for this GPU only, runs every op test (no stop at the first failure), runs
+# compute-sanitizer memcheck and racecheck on a short subset, runs the GPU benchmark, and writes
+# summary.json + logs to bench/results/<gpu name>/ (and copies them to $OUT when that is set).
+# Fails when torch sees no GPU. Budget: under 8 minutes on an H100, build included.
+#   device run:  bash bench/gpu_check.sh        env: BENCH_ARGS (default "--quick"), SKIP_BENCH=1
 set -uo pipefail
-OUT="${OUT:-$PWD/gpu_out}"
-mkdir -p "$OUT"
+cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1 MAX_JOBS="$(nproc)" NVCC_THREADS=4
+if ! python3 -c 'import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)'; then
+  echo "gpu_check: torch sees no CUDA device; nothing was checked" >&2
+  exit 2
+fi
+GPU="$(python3 -c 'import torch; print(torch.cuda.get_device_name())')"
+SLUG="$(echo "$GPU" | tr 'A-Z' 'a-z' | tr -cs 'a-z0-9' '-' | sed 's/^-//;s/-$//')"
+RES="bench/results/$SLUG"
+rm -rf "$RES"; mkdir -p "$RES"
 export TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-$(python3 -c 'import torch; c = torch.cuda.get_device_capability(); print(f"{c[0]}.{c[1]}")')}"
-status=0
-{
-  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
-  python3 -c 'import torch, transformers; print("torch", torch.__version__, "cuda", torch.version.cuda, "transformers", transformers.__version__)'
-} > "$OUT/machine.txt" 2>&1
-cat "$OUT/machine.txt"
+TMP="$(mktemp -d)"
+steps=()  # "name rc seconds"
+step() {  # step NAME TIMEOUT LOG cmd...
+  local name=$1 to=$2 log=$3; shift 3
+  local t0=$(date +%s)
+  echo "== $name"
+  timeout "$to" "$@" > "$log" 2>&1
+  local rc=$?
+  steps+=("$name $rc $(( $(date +%s) - t0 ))")
+  tail -25 "$log"
+  if [ -n "${OUT:-}" ]; then cp "$RES"/* "$OUT"/ 2>/dev/null; fi
+  return $rc
+}
 
-echo "== build ($TORCH_CUDA_ARCH_LIST)"
-start=$(date +%s)
-FORCE_CUDA=1 timeout 300 python3 -m pip install -q --no-deps --no-build-isolation -e . > "$OUT/build.log" 2>&1 \
-  || { echo "build failed"; tail -40 "$OUT/build.log"; exit 1; }
-echo "built in $(( $(date +%s) - start )) s"
+# In place, not pip -e: an offline machine's older pip cannot run setuptools' develop (it re-enters
+# pip with build isolation, which needs the network); the tests import pedro_ext from the checkout.
+step build 240 "$RES/build.log" env FORCE_CUDA=1 python3 setup.py build_ext --inplace \
+  || { echo "build failed"; }
+PYTEST=(python3 -m pytest -q -p no:cacheprovider -rfE)
+TESTS=(python_tests/test_ops_cuda.py python_tests/test_ops.py)
+[ -f python_tests/test_fuzz.py ] && TESTS+=(python_tests/test_fuzz.py)
+step tests 200 "$RES/tests.log" "${PYTEST[@]}" --junitxml="$TMP/tests.xml" "${TESTS[@]}"
+SUBSET=(python_tests/test_ops_cuda.py -k "generate_cuda and float32 or modulate_cuda and float16 or generate_and_modulate_cuda or bad_ids")
+SAN=(compute-sanitizer --target-processes all --error-exitcode 99)
+PYTORCH_NO_CUDA_MEMORY_CACHING=1 step memcheck 120 "$RES/memcheck.log" "${SAN[@]}" --tool memcheck "${PYTEST[@]}" "${SUBSET[@]}"
+step racecheck 120 "$RES/racecheck.log" "${SAN[@]}" --tool racecheck --racecheck-report all "${PYTEST[@]}" "${SUBSET[@]}"
+if [ "${SKIP_BENCH:-0}" != 1 ]; then
+  # shellcheck disable=SC2086
+  step bench 150 "$RES/bench.log" python3 -m pedro_ext.bench --preset gpu --device cuda ${BENCH_ARGS:---quick} --out "$RES"
+fi
 
-echo "== CUDA tests"
-timeout 240 python3 -m pytest python_tests/test_ops_cuda.py python_tests/test_ops.py -q -x -p no:cacheprovider \
-  2>&1 | tee "$OUT/tests.log" | tail -15
-[ "${PIPESTATUS[0]}" -eq 0 ] || status=1
-
-echo "== benchmark (preset gpu)"
-timeout 300 python3 -m pedro_ext.bench --preset gpu --device cuda --out "$OUT" > "$OUT/bench.log" 2>&1 || status=1
-tail -60 "$OUT/bench.log"
+python3 - "$RES" "$TMP/tests.xml" "$GPU" "${steps[@]}" <<'PY'
+import json, os, subprocess, sys, xml.etree.ElementTree as ET
+import torch
+res, xml, gpu, *steps = sys.argv[1:]
+summary = {"gpu": gpu, "capability": ".".join(map(str, torch.cuda.get_device_capability())),
+           "torch": torch.__version__, "cuda": torch.version.cuda,
+           "driver": subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                                    capture_output=True, text=True).stdout.strip(),
+           "arch_list": os.environ.get("TORCH_CUDA_ARCH_LIST"),
+           "steps": {s.split()[0]: {"rc": int(s.split()[1]), "seconds": int(s.split()[2])} for s in steps}}
+if os.path.exists(xml):
+    suite = ET.parse(xml).getroot().find("testsuite")
+    summary["tests"] = {k: int(suite.get(k)) for k in ("tests", "failures", "errors", "skipped")}
+    summary["failed"] = [f"{c.get('classname')}::{c.get('name')}" for c in suite.iter("testcase")
+                         if c.find("failure") is not None or c.find("error") is not None]
+summary["ok"] = all(v["rc"] == 0 for v in summary["steps"].values()) and not summary.get("failed") \
+    and "tests" in summary["steps"]
+json.dump(summary, open(os.path.join(res, "summary.json"), "w"), indent=1)
+print(json.dumps(summary, indent=1))
+sys.exit(0 if summary["ok"] else 1)
+PY
+status=$?
+if [ -n "${OUT:-}" ]; then cp "$RES"/* "$OUT"/ 2>/dev/null; fi
 exit $status

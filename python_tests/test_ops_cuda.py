@@ -156,7 +156,7 @@ def test_large_bank_cuda():
     sel = ids.clamp(min=0)
     sub = {k: t[sel] for k, t in bank.items()}
     local = torch.where(ids >= 0, torch.arange(128, device="cuda"), -1)
-    v_ref = ref.generate(pooled.double(), local.cpu(), *[t.double().cpu() for t in bank_args(sub)])
+    v_ref = ref.generate(pooled.double().cpu(), local.cpu(), *[t.double().cpu() for t in bank_args(sub)])
     assert_close(v, v_ref, torch.bfloat16, "N=4096")
     leaves = [t.clone().requires_grad_() for t in bank_args(bank)]
     pedro_ext.generate(pooled, ids, *leaves).float().sum().backward()

@@ -15,9 +15,9 @@ fi
 GPU="$(python3 -c 'import torch; print(torch.cuda.get_device_name())')"
 SLUG="$(echo "$GPU" | tr 'A-Z' 'a-z' | tr -cs 'a-z0-9' '-' | sed 's/^-//;s/-$//')"
 RES="bench/results/$SLUG"
+TMP="$(mktemp -d)"
 rm -rf "$RES"; mkdir -p "$RES"
 export TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-$(python3 -c 'import torch; c = torch.cuda.get_device_capability(); print(f"{c[0]}.{c[1]}")')}"
-TMP="$(mktemp -d)"
 steps=()  # "name rc seconds"
 step() {  # step NAME TIMEOUT LOG cmd...
   local name=$1 to=$2 log=$3; shift 3
@@ -31,14 +31,36 @@ step() {  # step NAME TIMEOUT LOG cmd...
   return $rc
 }
 
+# Compiler. On the lent H100/H200 image, CXX is a wrapper (/opt/gcc/bin/g++ -> g++-real) and the
+# extension it built killed the process (SIGSEGV) on every C++ exception raised by an op (argument
+# errors), CPU and CUDA paths alike, while all numerics passed (bench/results/gpu-first-runs). So
+# build with the distribution's compiler when there is one, and never trust a build that has not
+# shown it can raise an error and survive.
+{ echo "CC=${CC:-} CXX=${CXX:-} CUDAHOSTCXX=${CUDAHOSTCXX:-}"; for c in "${CXX:-}" /opt/gcc/bin/g++; do
+    [ -n "$c" ] && [ -f "$c" ] && { echo "--- $c"; file "$c"; head -c 600 "$c" | tr -cd '[:print:]\n'; echo; }; done
+} > "$TMP/compiler.txt" 2>&1
+BUILD_ENV=(FORCE_CUDA=1)
+if [ -x /usr/bin/g++ ] && [ -x /usr/bin/gcc ]; then BUILD_ENV+=(CC=/usr/bin/gcc CXX=/usr/bin/g++); fi
+# the extension must turn a bad argument into a Python exception, not a crash
+RAISE_CHECK='import torch, pedro_ext
+try:
+    pedro_ext.modulate(torch.ones(2, 3), torch.ones(3, 3))
+except ValueError as e:
+    print("raise_check ok:", str(e)[:80])
+else:
+    raise SystemExit("raise_check: no error raised")'
 # In place, not pip -e: an offline machine's older pip cannot run setuptools' develop (it re-enters
 # pip with build isolation, which needs the network); the tests import pedro_ext from the checkout.
-step build 240 "$RES/build.log" env FORCE_CUDA=1 python3 setup.py build_ext --inplace \
+step build 240 "$RES/build.log" env "${BUILD_ENV[@]}" python3 setup.py build_ext --inplace \
   || { echo "build failed"; }
+step raise_check 60 "$TMP/raise_check.log" python3 -c "$RAISE_CHECK"
+{ echo "== build env: ${BUILD_ENV[*]}"; cat "$TMP/compiler.txt"; ldd pedro_ext/_C*.so | grep -E "stdc|gcc_s|gomp"
+  cat "$TMP/raise_check.log"; } >> "$RES/build.log" 2>&1
 PYTEST=(python3 -m pytest -q -p no:cacheprovider -rfE)
+XDIST=(); python3 -c 'import xdist' 2>/dev/null && XDIST=(-n 8)  # a crash then kills one worker, not the run
 TESTS=(python_tests/test_ops_cuda.py python_tests/test_ops.py)
 [ -f python_tests/test_fuzz.py ] && TESTS+=(python_tests/test_fuzz.py)
-step tests 200 "$RES/tests.log" "${PYTEST[@]}" --junitxml="$TMP/tests.xml" "${TESTS[@]}"
+step tests 200 "$RES/tests.log" "${PYTEST[@]}" "${XDIST[@]}" --junitxml="$TMP/tests.xml" "${TESTS[@]}"
 SUBSET=(python_tests/test_ops_cuda.py -k "generate_cuda and float32 or modulate_cuda and float16 or generate_and_modulate_cuda or bad_ids")
 SAN=(compute-sanitizer --target-processes all --error-exitcode 99)
 PYTORCH_NO_CUDA_MEMORY_CACHING=1 step memcheck 120 "$RES/memcheck.log" "${SAN[@]}" --tool memcheck "${PYTEST[@]}" "${SUBSET[@]}"

@@ -132,3 +132,15 @@ def test_ddp_through_the_cli_matches_single_process(tmp_path, monkeypatch):
     assert any(v.abs().max() > 0 for k, v in single.items() if k.endswith("b_up"))  # it trained
     for k in single:
         torch.testing.assert_close(ddp[k], single[k], rtol=1e-4, atol=1e-6)
+
+
+def test_smollm2_adapters_record_a_portable_model_name(tmp_path):
+    from pedro_ext import get_pedro_model
+    from pedro_ext.offline import SMOLLM2_NAME
+
+    model, _, name = train_cli.load_model("smollm2", torch.float32)
+    assert name == SMOLLM2_NAME == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    pedro = get_pedro_model(model, PedroConfig(r=2))
+    pedro.save_pretrained(str(tmp_path))
+    config = json.load(open(tmp_path / "adapter_config.json"))
+    assert config["base_model_name_or_path"] == SMOLLM2_NAME  # not the local cache folder

@@ -14,6 +14,7 @@ from typing import Dict, Iterable, List, Optional, Sequence, Union
 
 import torch
 from torch import nn
+from transformers import PreTrainedModel
 
 from .config import CONFIG_NAME, DEFAULT_TARGET_MODULES, WEIGHTS_NAME, PedroConfig
 from .layer import PedroAdapterWeights, PedroLayerBank, PedroLinear
@@ -170,12 +171,38 @@ class PedroTunerModel(nn.Module):
             return getattr(self.model, name)
 
 
-class PedroModel(nn.Module):
+class PedroModel(PreTrainedModel):
     """A causal LM with PEDRO adapters: one stacked bank per decoder layer, every request of a
-    batch with its own adapter (or none), one op call per layer for the whole batch."""
+    batch with its own adapter (or none), one op call per layer for the whole batch.
+
+    A PreTrainedModel subclass only so that transformers.Trainer saves it through
+    save_pretrained (writing the adapter files, as it does for peft models); Trainer writes the
+    full state dict of any other module, which fails on tied embeddings. It wraps an existing
+    model and shares its config, so PreTrainedModel.__init__ (which builds a model from a config
+    and adjusts that config) is not run; attributes the class does not define are read from the
+    wrapped model."""
+
+    # PreTrainedModel's own value would hide the wrapped model's.
+    base_model = property(lambda self: self._modules["base_model"])
+    main_input_name = property(lambda self: self.get_base_model().main_input_name)
+    supports_gradient_checkpointing = property(
+        lambda self: getattr(self.get_base_model(), "supports_gradient_checkpointing", False))
+    _no_split_modules = property(lambda self: getattr(self.get_base_model(), "_no_split_modules", None))
+    _keep_in_fp32_modules = property(
+        lambda self: getattr(self.get_base_model(), "_keep_in_fp32_modules", None))
+
+    @classmethod
+    def can_generate(cls) -> bool:
+        return True
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.get_base_model().get_input_embeddings()
+
+    def get_output_embeddings(self) -> Optional[nn.Module]:
+        return self.get_base_model().get_output_embeddings()
 
     def __init__(self, model: nn.Module, config: PedroConfig, adapter_name: str = "default"):
-        super().__init__()
+        nn.Module.__init__(self)
         if isinstance(model, PedroModel):
             raise ValueError("this model is already a PedroModel; add adapters with "
                              "pedro.add_adapter(name, config)")

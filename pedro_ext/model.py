@@ -28,20 +28,21 @@ _LAYER_RE = re.compile(r"^(?:(?P<stack>.*)\.)?layers\.(?P<idx>\d+)\.(?P<rest>.+)
 _NAME_RE = re.compile(r"^[A-Za-z0-9_\-]+$")
 # PedroModels whose adapters `disable_adapter()` switched off, in this thread / task only.
 _DISABLED: contextvars.ContextVar = contextvars.ContextVar("pedro_disabled", default=frozenset())
-# peft keyword arguments that PEDRO accepts with their default value only.
-_PEFT_DEFAULTS = {"autocast_adapter_dtype": True, "low_cpu_mem_usage": False,
-                  "ephemeral_gpu_offload": False, "key_mapping": None,
-                  "save_embedding_layers": "auto", "path_initial_model_for_weight_conversion": None}
+# peft keyword arguments that PEDRO accepts with these values only (PEDRO adapters are small
+# fp32 vector generators and touch no embedding).
+_PEFT_OPTIONS = {"autocast_adapter_dtype": (True,), "low_cpu_mem_usage": (False,),
+                 "ephemeral_gpu_offload": (False,), "key_mapping": (None,),
+                 "save_embedding_layers": ("auto", False),
+                 "path_initial_model_for_weight_conversion": (None,)}
 
 
 def _check_peft_kwargs(method: str, kwargs: dict) -> None:
     for key, value in kwargs.items():
-        if key not in _PEFT_DEFAULTS:
+        if key not in _PEFT_OPTIONS:
             raise TypeError(f"PedroModel.{method}() got an unexpected keyword argument {key!r}")
-        if value != _PEFT_DEFAULTS[key] and not (key == "save_embedding_layers" and value is False):
+        if value not in _PEFT_OPTIONS[key]:
             raise ValueError(f"PedroModel.{method}: {key}={value!r} is not supported by PEDRO "
-                             f"(only {_PEFT_DEFAULTS[key]!r}); PEDRO adapters are small fp32 "
-                             "vector generators and touch no embedding")
+                             f"(only {' or '.join(map(repr, _PEFT_OPTIONS[key]))})")
 
 
 def _resolve_targets(model: nn.Module, config: PedroConfig) -> List[str]:
@@ -652,8 +653,8 @@ class PedroModel(PreTrainedModel):
         return PedroModelStatus(
             base_model_type=type(self.get_base_model()).__name__, adapter_model_type="PedroModel",
             peft_types={n: "PEDRO" for n in self.peft_config}, trainable_params=trainable,
-            total_params=total, num_adapter_layers=len(self.banks) * len(self._targets)
-            if self.banks else 0, enabled=self._layers_enabled,
+            total_params=total, num_adapter_layers=len(self.banks) * len(self._targets),
+            enabled=self._layers_enabled,
             active_adapters=list(self.active_adapters), merged_adapters=[],
             requires_grad=grads, available_adapters=sorted(self.peft_config), devices=devices)
 
@@ -678,14 +679,16 @@ class PedroModel(PreTrainedModel):
 
     def save_pretrained(self, save_directory: str, safe_serialization: bool = True,
                         selected_adapters: Optional[List[str]] = None,
-                        is_main_process: bool = True,
+                        save_embedding_layers: Union[str, bool] = "auto",
+                        is_main_process: bool = True, *,
                         state_dict: Optional[Dict[str, torch.Tensor]] = None, **kwargs) -> None:
         """adapter_config.json + adapter_model.safetensors (.bin without safe_serialization) per
         adapter; "default" at the top, other adapters in sub-folders named after them (peft's
-        layout). Only the main process writes. Each file is replaced atomically."""
+        layout). Only the main process writes. Each file is replaced atomically. `state_dict`
+        (this model's, as Trainer / DeepSpeed gather it) is where the weights are taken from."""
         from safetensors.torch import save_file
 
-        _check_peft_kwargs("save_pretrained", kwargs)
+        _check_peft_kwargs("save_pretrained", dict(kwargs, save_embedding_layers=save_embedding_layers))
         if not self.peft_config:
             raise ValueError("this PedroModel has no adapters to save")
         if isinstance(selected_adapters, str):
@@ -725,7 +728,7 @@ class PedroModel(PreTrainedModel):
         self._bank_changed()
 
     def load_adapter(self, model_id: str, adapter_name: str, is_trainable: bool = False,
-                     torch_device: Optional[str] = None, subfolder: Optional[str] = None,
+                     torch_device: Optional[str] = None, *, subfolder: Optional[str] = None,
                      **kwargs) -> None:
         """Load a saved adapter under a new name (peft's load_adapter: it is not made active,
         unless the model has no active adapter; trainable only with is_trainable)."""
@@ -749,7 +752,7 @@ class PedroModel(PreTrainedModel):
 
     @classmethod
     def from_pretrained(cls, model: nn.Module, model_id: str, adapter_name: str = "default",
-                        is_trainable: bool = False, config: Optional[PedroConfig] = None,
+                        is_trainable: bool = False, config: Optional[PedroConfig] = None, *,
                         subfolder: Optional[str] = None, torch_device: Optional[str] = None,
                         **kwargs) -> "PedroModel":
         """Wrap `model` with the adapter saved in `model_id` (peft's PeftModel.from_pretrained).

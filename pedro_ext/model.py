@@ -239,7 +239,7 @@ class PedroModel(PreTrainedModel):
             p.requires_grad_(False)
         self._decoder_layers = list(layout.layers.values()) + list(layout.stacks)
         self._stacks = layout.stacks
-        self._bank_devices: Dict[int, torch.device] = {}
+        self._sources: Dict[int, nn.Linear] = {}  # each bank's source Linear (its device)
         for idx, mods in layout.targets.items():
             source = mods[self._targets[0]][2]
             slots, start = [], 0
@@ -248,7 +248,7 @@ class PedroModel(PreTrainedModel):
                 slots.append((start, start + out))
                 start += out
             bank = PedroLayerBank(idx, source.in_features, start, slots)
-            self._bank_devices[idx] = source.weight.device
+            self._sources[idx] = source
             for slot, t in enumerate(self._targets):
                 parent, attr, linear = mods[t]
                 setattr(parent, attr, PedroLinear(linear, bank, slot, slot == 0, self._static))
@@ -326,7 +326,8 @@ class PedroModel(PreTrainedModel):
         created = []
         try:
             for idx, bank in self.banks.items():
-                weights = PedroAdapterWeights(config, bank.d, bank.big_d).to(self._bank_devices[idx])
+                weights = PedroAdapterWeights(config, bank.d, bank.big_d).to(
+                    self._sources[idx].weight.device)
                 for p in weights.parameters():
                     p.requires_grad_(False)
                 bank.adapters[adapter_name] = weights

@@ -8,7 +8,9 @@ import torch
 
 from pedro_ext import PedroConfig, get_pedro_model
 from pedro_ext import layer as layer_mod
+from pedro_ext.routing import entered
 
+from conftest import requires_cuda
 from tiny_models import randomize_adapter, tiny_model
 
 
@@ -252,3 +254,56 @@ def test_compiled_static_cache_decode_follows_each_calls_adapters():
     with torch.no_grad():
         base = _gen(pedro, ids, adapter_names=[None] * 4)
     assert not torch.equal(eager, base)
+
+
+# ----------------------------------------------------------------------- CUDA graphs (GPU only)
+@requires_cuda
+def test_cuda_decode_step_of_pedro_layers_has_no_sync_and_replays_from_a_graph():
+    pedro = _pedro()
+    pedro.to("cuda")
+    ids = prompts(batch=4, length=6).cuda()
+    layer = pedro.get_base_model().model.layers[1]
+    with torch.no_grad():
+        call = pedro._make_call(4, ["a", None, "b", "c"], torch.ones_like(ids), None, None,
+                                reuse=True)
+        with entered(call):
+            pedro.get_base_model()(ids)  # prefill: the call's vectors are computed and sliced
+            x = torch.randn(4, 1, 48, device="cuda")
+            torch.cuda.synchronize()
+            torch.cuda.set_sync_debug_mode("error")
+            try:
+                layer.self_attn.q_proj(x), layer.mlp(x)
+            finally:
+                torch.cuda.set_sync_debug_mode(0)
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                layer.self_attn.q_proj(x), layer.mlp(x)
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                q, h = layer.self_attn.q_proj(x), layer.mlp(x)
+            x2 = torch.randn(4, 1, 48, device="cuda")
+            want_q, want_h = layer.self_attn.q_proj(x2), layer.mlp(x2)
+            x.copy_(x2)
+            graph.replay()
+    torch.testing.assert_close(q, want_q)
+    torch.testing.assert_close(h, want_h)
+
+
+@requires_cuda
+def test_cuda_static_cache_generate_with_cuda_graphs_follows_each_call():
+    from transformers import CompileConfig
+
+    pedro = _pedro()
+    pedro.to("cuda")
+    ids = prompts(batch=4, length=5).cuda()
+    # transformers compiles the decode step on CUDA: inductor, mode reduce-overhead (CUDA graphs)
+    config = CompileConfig(fullgraph=True)
+    answers = []
+    for names in (["a", None, "b", "c"], ["c", "b", None, "b"], ["a", None, "b", "c"]):
+        eager = _gen(pedro, ids, adapter_names=names)
+        assert torch.equal(_gen(pedro, ids, adapter_names=names, cache_implementation="static",
+                                compile_config=config), eager), names
+        answers.append(eager)
+    assert not torch.equal(answers[0], answers[1])

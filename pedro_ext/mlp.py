@@ -3,7 +3,7 @@ down(act(gate(x)) * up(x) * l_u) with one act_mul_modulate op, so scaling U adds
 the [B, T, intermediate] activations. Other MLPs keep the unfused path (up_proj's PedroLinear
 scales its own output)."""
 import functools
-from typing import Callable, Optional
+from typing import Optional
 
 from torch import nn
 
@@ -31,14 +31,24 @@ def fused_activation(mlp: nn.Module) -> Optional[str]:
     return name
 
 
-def fused_forward(mlp: nn.Module, activation: str) -> Callable:
-    """A forward for `mlp` (set on the instance) that scales U inside the activation product."""
-    def forward(x):
-        up_proj = mlp.up_proj
-        v = up_proj.vectors(x)
-        gate, up = mlp.gate_proj(x), up_proj.base_layer(x)
-        if v is None:
-            return mlp.down_proj(mlp.act_fn(gate) * up)
-        h = _layer._OPS["act_mul_modulate"](gate, up, v, activation=activation, check_ids=False)
-        return mlp.down_proj(h)
-    return forward
+def fuse(mlp: nn.Module, activation: str) -> None:
+    """Give `mlp` the fused forward (an instance attribute; `unfuse` removes it)."""
+    mlp.pedro_activation = activation
+    mlp.forward = functools.partial(_fused_forward, mlp)  # (a partial copies and pickles)
+
+
+def unfuse(mlp: nn.Module) -> None:
+    vars(mlp).pop("forward", None)
+    vars(mlp).pop("pedro_activation", None)
+
+
+def _fused_forward(mlp: nn.Module, x):
+    """down(act(gate(x)) * up(x) * l_u), scaling U inside the activation product."""
+    up_proj = mlp.up_proj
+    v = up_proj.vectors(x)
+    gate, up = mlp.gate_proj(x), up_proj.base_layer(x)
+    if v is None:
+        return mlp.down_proj(mlp.act_fn(gate) * up)
+    h = _layer._OPS["act_mul_modulate"](gate, up, v, activation=mlp.pedro_activation,
+                                        check_ids=False)
+    return mlp.down_proj(h)

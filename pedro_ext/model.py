@@ -18,7 +18,7 @@ from transformers import PreTrainedModel
 
 from .config import CONFIG_NAME, DEFAULT_TARGET_MODULES, WEIGHTS_NAME, PedroConfig
 from .layer import PedroAdapterWeights, PedroLayerBank, PedroLinear
-from .mlp import fused_activation, fused_forward
+from .mlp import fuse, fused_activation, unfuse
 from .routing import (_CURRENT, PedroCall, RowSetting, StaticRouting, checkpoint_context_fn,
                       current_call, entered)
 
@@ -219,7 +219,7 @@ class PedroModel(PreTrainedModel):
         self._index: Dict[str, int] = {}
         self._layers_enabled = True
         self._static = StaticRouting()
-        self._undo: List = []  # closures restoring the base model, applied newest first
+        self._undo: List[tuple] = []  # how to restore the base model, applied newest first
         self._unloaded = False
         try:
             self._targets = _resolve_targets(model, config)
@@ -234,7 +234,7 @@ class PedroModel(PreTrainedModel):
     # ------------------------------------------------------------------ wrapping
     def _wrap(self, model: nn.Module, layout: _Layout) -> None:
         flags = [(p, p.requires_grad) for p in model.parameters()]
-        self._undo.append(lambda: [p.requires_grad_(f) for p, f in flags])
+        self._undo.append(("requires_grad", flags))
         for p, _ in flags:
             p.requires_grad_(False)
         self._decoder_layers = list(layout.layers.values()) + list(layout.stacks)
@@ -252,22 +252,31 @@ class PedroModel(PreTrainedModel):
             for slot, t in enumerate(self._targets):
                 parent, attr, linear = mods[t]
                 setattr(parent, attr, PedroLinear(linear, bank, slot, slot == 0, self._static))
-                self._undo.append(lambda p=parent, a=attr, m=linear: setattr(p, a, m))
+                self._undo.append(("module", parent, attr, linear))
             self.banks[idx] = bank
             mlp = mods[self._targets[-1]][0]
             activation = fused_activation(mlp)
             if activation is not None:
-                mlp.forward = fused_forward(mlp, activation)
-                self._undo.append(lambda m=mlp: vars(m).pop("forward", None))
+                fuse(mlp, activation)
+                self._undo.append(("fused", mlp))
         for stack in layout.stacks:
             pre = stack.register_forward_pre_hook(self._stack_pre_hook, with_kwargs=True)
             post = stack.register_forward_hook(self._stack_post_hook, with_kwargs=True,
                                                always_call=True)
-            self._undo.extend([pre.remove, post.remove])
+            self._undo.extend([("hook", pre), ("hook", post)])
 
     def _restore(self) -> None:
         while self._undo:
-            self._undo.pop()()
+            kind, *what = self._undo.pop()
+            if kind == "requires_grad":
+                for p, flag in what[0]:
+                    p.requires_grad_(flag)
+            elif kind == "module":
+                setattr(*what)
+            elif kind == "fused":
+                unfuse(what[0])
+            else:
+                what[0].remove()
         self.banks = {}
 
     # ------------------------------------------------------------------ attribute forwarding

@@ -140,6 +140,14 @@ class StaticRouting:
         self.prefilled = False
         self.vectors: Dict[int, torch.Tensor] = {}
 
+    def __getstate__(self):  # (copy / pickle: a lock is neither; a copy gets its own)
+        state = dict(self.__dict__)
+        del state["lock"]
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state, lock=threading.Lock())
+
     def store(self, layer: int, vectors: torch.Tensor) -> torch.Tensor:
         buf = self.vectors.get(layer)
         if buf is None or buf.shape != vectors.shape or buf.dtype != vectors.dtype \

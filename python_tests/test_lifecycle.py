@@ -253,3 +253,24 @@ def test_trainer_checkpoints_write_the_adapter(tmp_path):
                                        str(tmp_path / "checkpoint-2"))
     assert any(not torch.equal(a, b) for a, b in zip(first.adapter_parameters(),
                                                      pedro.adapter_parameters()))
+
+
+def test_copies_and_pickles_are_independent_models():
+    import copy
+    import pickle
+
+    pedro = get_pedro_model(tiny_model(), PedroConfig(r=4))
+    randomize_adapter(pedro, "default", seed=6)
+    pedro.eval()
+    ids = prompts()
+    with torch.no_grad():
+        want = pedro(ids).logits
+    for clone in (copy.deepcopy(pedro), pickle.loads(pickle.dumps(pedro))):
+        with torch.no_grad():
+            assert torch.equal(clone(ids).logits, want)
+        base = clone.unload()  # restores the clone's modules, not the original's
+        assert not any(isinstance(m, PedroLinear) for m in base.modules())
+        assert not any("forward" in vars(m) for m in base.modules())
+    assert isinstance(pedro.get_base_model().model.layers[0].self_attn.q_proj, PedroLinear)
+    with torch.no_grad():
+        assert torch.equal(pedro(ids).logits, want)

@@ -6,6 +6,7 @@
 #include <torch/autograd.h>
 #include <torch/library.h>
 
+#include <initializer_list>
 #include <string>
 
 namespace pedro_ext {
@@ -114,21 +115,38 @@ class ActMulModulateFunction : public torch::autograd::Function<ActMulModulateFu
   }
 };
 
+// Inference (no grad mode, or no input that needs grad) skips the autograd node: at decode
+// time its bookkeeping would cost more than the scaling itself.
+bool needs_grad(std::initializer_list<const Tensor*> inputs) {
+  if (!at::GradMode::is_enabled()) return false;
+  for (const Tensor* t : inputs)
+    if (t->requires_grad()) return true;
+  return false;
+}
+
 Tensor modulate_autograd(const Tensor& x, const Tensor& vectors, const OptTensor& seq_ids,
                          bool check_ids) {
+  if (!needs_grad({&x, &vectors})) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    return call_modulate(x, vectors, seq_ids, check_ids);
+  }
   return ModulateFunction::apply(x, vectors, seq_ids, check_ids);
 }
 
 Tensor act_mul_modulate_autograd(const Tensor& gate, const Tensor& up, const Tensor& vectors,
                                  const OptTensor& seq_ids, c10::string_view activation,
                                  bool check_ids) {
+  if (!needs_grad({&gate, &up, &vectors})) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    return call_act_mul_modulate(gate, up, vectors, seq_ids, activation, check_ids);
+  }
   return ActMulModulateFunction::apply(gate, up, vectors, seq_ids, activation, check_ids);
 }
 
 // modulate_ has no derivative: refuse rather than leave autograd silently wrong.
 void modulate_inplace_autograd(const Tensor& x, const Tensor& vectors, const OptTensor& seq_ids,
                                bool check_ids) {
-  TORCH_CHECK(!(at::GradMode::is_enabled() && (x.requires_grad() || vectors.requires_grad())),
+  TORCH_CHECK(!needs_grad({&x, &vectors}),
               "pedro_ext.modulate_: the in-place op has no autograd, but x.requires_grad=",
               x.requires_grad(), " and vectors.requires_grad=", vectors.requires_grad(),
               " with grad mode on; call it under torch.no_grad() / torch.inference_mode(), or "

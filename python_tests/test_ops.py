@@ -701,3 +701,15 @@ def test_torch_compile_new_ops():
         x = torch.randn(2, 1, 8)
         got = torch.compile(decode_step, backend="aot_eager", fullgraph=True)(x.clone(), v)
         assert torch.equal(got, x * v[:, None] + 1)
+
+
+def test_per_token_ops_record_autograd_only_when_needed():
+    x = torch.randn(2, 3, 4, requires_grad=True)
+    v = torch.randn(2, 4)
+    for fn in (lambda: pedro_ext.modulate(x, v), lambda: pedro_ext.act_mul_modulate(x, x, v)):
+        assert fn().grad_fn is not None
+        with torch.no_grad():
+            assert not fn().requires_grad
+        assert fn().detach().grad_fn is None
+    plain = pedro_ext.modulate(x.detach(), v)
+    assert not plain.requires_grad and torch.equal(plain, (x * v[:, None]).detach())

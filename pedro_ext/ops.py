@@ -51,9 +51,11 @@ def generate(pooled: Tensor, adapter_ids: Tensor, w_down: Tensor, b_down: Tensor
     check_ids=True raises IndexError for an id outside [-1, N); pass False when the ids were
     validated already (no host sync on CUDA). The bank is gathered by index inside the kernel
     (no [B, d, r] copy). w_up / b_up may be column slices of wider tensors (the Q, V or up part of
-    a generator). Gradients reach pooled and every bank tensor (dense, the bank's shape: zero for
-    unused adapters); a bank entry used by several requests sums their gradients in a fixed order,
-    so backward is bitwise reproducible. Rows with -1 or an invalid id pass no gradient.
+    a generator). Gradients reach pooled and every bank tensor (dense, the bank's shape, as
+    autograd and the optimizers need: zero for unused adapters; a caller that wants to write less
+    passes a bank of the batch's adapters only, with remapped ids); a bank entry used by several
+    requests sums their gradients in a fixed order, so backward is bitwise reproducible. Rows
+    with -1 or an invalid id pass no gradient.
     """
     return _ops.generate.default(pooled, adapter_ids, w_down, b_down, rat_num, rat_den, w_up,
                                  b_up, check_ids)

@@ -105,7 +105,7 @@ def _nvidia_include_dirs():
 
 def _extension():
     sources = ["csrc/ops.cpp", "csrc/checks.cpp", "csrc/grouping.cpp", "csrc/autograd.cpp",
-               "csrc/cpu/ops_cpu.cpp", "csrc/python_module.cpp"]
+               "csrc/cpu/generate_cpu.cpp", "csrc/cpu/modulate_cpu.cpp", "csrc/python_module.cpp"]
     cxx = ["-O3", "-fopenmp"]  # at::parallel_for is serial in a TU built without OpenMP
     link = ["-fopenmp"]
     if not _want_cuda():
@@ -117,7 +117,7 @@ def _extension():
     nvcc = ["-O3", "-lineinfo", f"--threads={os.environ.get('NVCC_THREADS', '2')}"]
     return CUDAExtension(
         "pedro_ext._C",
-        sources + ["csrc/cuda/ops_cuda.cu"],
+        sources + ["csrc/cuda/generate_cuda.cu", "csrc/cuda/modulate_cuda.cu"],
         include_dirs=_nvidia_include_dirs(),
         extra_compile_args={"cxx": cxx + defines, "nvcc": nvcc + defines},
         extra_link_args=link,

@@ -2,6 +2,7 @@
 // the argument and what was expected, and what was got; they surface in Python as
 // ValueError / TypeError / IndexError.
 #include <atomic>
+#include <vector>
 
 #include "pedro.h"
 
@@ -58,14 +59,42 @@ void check_like(const char* op, const char* name, const Tensor& t, const Tensor&
 bool cuda_index_checks_enabled() { return g_cuda_index_checks.load(); }
 void set_cuda_index_checks_enabled(bool enabled) { g_cuda_index_checks.store(enabled); }
 
-void check_index_range(const char* op, const char* name, const Tensor& ids, int64_t lo,
-                       int64_t hi) {
-  if (ids.numel() == 0) return;
-  auto [mn, mx] = at::aminmax(ids);
-  const int64_t lo_seen = mn.item<int64_t>();
-  const int64_t hi_seen = mx.item<int64_t>();
-  TORCH_CHECK_INDEX(lo_seen >= lo && hi_seen < hi, op, ": ", name, " values must lie in [", lo,
-                    ", ", hi, "), got values from ", lo_seen, " to ", hi_seen);
+void check_index_ranges(const char* op, std::initializer_list<IdRange> ranges) {
+  std::vector<Tensor> ends;
+  for (const IdRange& r : ranges) {
+    if (r.ids->numel() == 0) continue;
+    auto [mn, mx] = at::aminmax(*r.ids);
+    ends.push_back(mn.to(at::kLong));
+    ends.push_back(mx.to(at::kLong));
+  }
+  if (ends.empty()) return;
+  const Tensor host = at::stack(ends).cpu();  // the one device-to-host copy
+  const int64_t* v = host.data_ptr<int64_t>();
+  size_t i = 0;
+  for (const IdRange& r : ranges) {
+    if (r.ids->numel() == 0) continue;
+    const int64_t lo_seen = v[i++], hi_seen = v[i++];
+    TORCH_CHECK_INDEX(lo_seen >= r.lo && hi_seen < r.hi, op, ": ", r.name,
+                      " values must lie in [", r.lo, ", ", r.hi, "), got values from ", lo_seen,
+                      " to ", hi_seen);
+  }
+}
+
+int64_t row_stride(const Tensor& t) {
+  const int64_t D = t.size(-1);
+  if (D > 1 && t.stride(-1) != 1) return -1;
+  if (t.dim() == 2) return t.stride(0);
+  if (t.size(1) == 1) return t.stride(0);
+  if (t.size(0) == 1 || t.stride(0) == t.size(1) * t.stride(1)) return t.stride(1);
+  return -1;
+}
+
+Tensor rows_view(const Tensor& t) { return row_stride(t) >= 0 ? t : t.contiguous(); }
+
+Activation parse_activation(const char* op, std::string_view name) {
+  if (name == "silu") return Activation::kSilu;
+  if (name == "gelu_tanh") return Activation::kGeluTanh;
+  TORCH_CHECK_VALUE(false, op, ": activation must be 'silu' or 'gelu_tanh', got '", name, "'");
 }
 
 void check_same_shape(const char* op, const char* name, const Tensor& t, const Tensor& like,
@@ -130,30 +159,50 @@ GenerateSizes check_generate_args(const char* op, const Tensor& pooled, const Te
   return s;
 }
 
+void check_generate_grad(const char* op, const Tensor& grad, const Tensor& pooled,
+                         const GenerateSizes& s) {
+  TORCH_CHECK_VALUE(grad.device() == pooled.device(), op, ": grad is on ", grad.device(),
+                    " but pooled is on ", pooled.device(), "; all arguments must be on one device");
+  check_float(op, "grad", grad);
+  TORCH_CHECK_VALUE(grad.dim() == 2 && grad.size(0) == s.B && grad.size(1) == s.D, op,
+                    ": grad must be [B, D] = [", s.B, ", ", s.D, "], got shape ", grad.sizes());
+}
+
 ModulateSizes check_modulate_layout(const char* op, const Tensor& x, int64_t B, int64_t D,
-                                    const std::optional<Tensor>& seq_ids) {
-  check_float(op, "x", x);
+                                    const std::optional<Tensor>& seq_ids, const char* x_name,
+                                    const char* b_what, const char* d_what) {
+  check_float(op, x_name, x);
   ModulateSizes s{0, D, B, 0};
   if (seq_ids.has_value()) {
-    check_dims(op, "x", x, 2, "[S, D] (packed, with seq_ids)");
+    check_dims(op, x_name, x, 2, "[S, D] (packed, with seq_ids)");
     s.S = x.size(0);
-    check_index_tensor(op, "seq_ids", *seq_ids, x, "x", s.S);
+    check_index_tensor(op, "seq_ids", *seq_ids, x, x_name, s.S);
   } else {
-    check_dims(op, "x", x, 3, "[B, T, D] (padded, without seq_ids)");
-    check_size(op, "x", x, 0, B, "the number of sequences B");
+    check_dims(op, x_name, x, 3, "[B, T, D] (padded, without seq_ids)");
+    check_size(op, x_name, x, 0, B, b_what);
     s.T = x.size(1);
     s.S = B * s.T;
   }
-  check_size(op, "x", x, x.dim() - 1, D, "the vector width D");
+  check_size(op, x_name, x, x.dim() - 1, D, d_what);
   return s;
 }
 
 ModulateSizes check_modulate_args(const char* op, const Tensor& x, const Tensor& vectors,
-                                  const std::optional<Tensor>& seq_ids) {
-  check_float(op, "x", x);
-  check_like(op, "vectors", vectors, x, "x");
+                                  const std::optional<Tensor>& seq_ids, const char* x_name) {
+  check_float(op, x_name, x);
+  check_like(op, "vectors", vectors, x, x_name);
   check_dims(op, "vectors", vectors, 2, "[B, D]");
-  return check_modulate_layout(op, x, vectors.size(0), vectors.size(1), seq_ids);
+  return check_modulate_layout(op, x, vectors.size(0), vectors.size(1), seq_ids, x_name,
+                               "the number of sequences B (vectors.size(0))",
+                               "the vector width D (vectors.size(1))");
+}
+
+ModulateSizes check_act_mul_args(const char* op, const Tensor& gate, const Tensor& up,
+                                 const Tensor& vectors, const std::optional<Tensor>& seq_ids) {
+  const ModulateSizes s = check_modulate_args(op, gate, vectors, seq_ids, "gate");
+  check_same_shape(op, "up", up, gate, "gate");
+  return s;
 }
 
 }  // namespace pedro_ext
+

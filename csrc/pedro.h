@@ -1,9 +1,18 @@
 // Declarations shared by the op registration, the CPU kernels and the CUDA kernels.
+//
+// Invalid ids (one rule for every op and device): adapter_ids outside [-1, N) and seq_ids
+// outside [0, B) raise IndexError when the op checks them (check_ids=True; on CUDA also
+// set_cuda_index_checks(True) and no graph capture). When they reach a kernel, nothing is
+// read out of bounds: the output the invalid id selects (a request's vector, a token's row)
+// is the constant NaN, and a constant passes no gradient to any input.
 #pragma once
 
 #include <ATen/ATen.h>
 
+#include <algorithm>
+#include <initializer_list>
 #include <optional>
+#include <string_view>
 #include <tuple>
 
 namespace pedro_ext {
@@ -30,16 +39,28 @@ struct ModulateSizes {
   int64_t T;
 };
 
+enum class Activation { kSilu, kGeluTanh };
+
 // ---- argument checks (checks.cpp): each names the op and the argument ------------------
 GenerateSizes check_generate_args(const char* op, const Tensor& pooled, const Tensor& adapter_ids,
                                   const Tensor& w_down, const Tensor& b_down, const Tensor& rat_num,
                                   const Tensor& rat_den, const Tensor& w_up,
                                   const std::optional<Tensor>& b_up);
+// grad of generate's output: [B, D] on pooled's device.
+void check_generate_grad(const char* op, const Tensor& grad, const Tensor& pooled,
+                         const GenerateSizes& s);
 ModulateSizes check_modulate_args(const char* op, const Tensor& x, const Tensor& vectors,
-                                  const std::optional<Tensor>& seq_ids);
+                                  const std::optional<Tensor>& seq_ids, const char* x_name = "x");
 // The x / seq_ids part of check_modulate_args, for ops that produce the vectors themselves.
 ModulateSizes check_modulate_layout(const char* op, const Tensor& x, int64_t B, int64_t D,
-                                    const std::optional<Tensor>& seq_ids);
+                                    const std::optional<Tensor>& seq_ids,
+                                    const char* x_name = "x",
+                                    const char* b_what = "the number of sequences B",
+                                    const char* d_what = "the vector width D");
+// gate and up share x's layout in check_modulate_args.
+ModulateSizes check_act_mul_args(const char* op, const Tensor& gate, const Tensor& up,
+                                 const Tensor& vectors, const std::optional<Tensor>& seq_ids);
+Activation parse_activation(const char* op, std::string_view name);
 void check_rational_args(const char* op, const Tensor& x, const Tensor& rat_num,
                          const Tensor& rat_den);
 // Same device and dtype as `ref`.
@@ -47,16 +68,38 @@ void check_like(const char* op, const char* name, const Tensor& t, const Tensor&
                 const char* ref_name);
 void check_same_shape(const char* op, const char* name, const Tensor& t, const Tensor& like,
                       const char* like_name);
-// Raises IndexError unless every value of `ids` lies in [lo, hi). One device sync on CUDA.
-void check_index_range(const char* op, const char* name, const Tensor& ids, int64_t lo, int64_t hi);
+
+struct IdRange {
+  const char* name;
+  const Tensor* ids;
+  int64_t lo;  // allowed values: [lo, hi)
+  int64_t hi;
+};
+// Raises IndexError unless every id lies in its range. All ranges are read with one
+// device-to-host copy (one sync on CUDA).
+void check_index_ranges(const char* op, std::initializer_list<IdRange> ranges);
 // Whether CUDA ops verify index ranges on the host (a sync). Never done during graph capture.
 bool cuda_index_checks_enabled();
 void set_cuda_index_checks_enabled(bool enabled);
 
+// Element stride between consecutive rows of t ([S, D] or [B, T, D]) viewed as [S, D] without
+// a copy, or -1 when its rows are not evenly spaced with unit inner stride.
+int64_t row_stride(const Tensor& t);
+// t itself when row_stride(t) >= 0, else a contiguous copy.
+Tensor rows_view(const Tensor& t);
+
+// at::parallel_for grain for items of about `work` multiply-adds each: small calls stay on the
+// calling thread, where waking the thread pool would cost more than the work.
+inline int64_t grain_for(int64_t work) {
+  return std::max<int64_t>(1, 32768 / std::max<int64_t>(1, work));
+}
+
 // ---- grouping (grouping.cpp) -------------------------------------------------------
-// Stable grouping of rows by a small integer key in [0, num_groups); other keys (-1 = none)
-// belong to no group. Group g is order[starts[g] : starts[g + 1]] in increasing row order,
-// which is what makes every backward reduction run in a fixed order. No host sync.
+// Stable grouping of rows by a small integer key in [0, num_groups); other keys (-1 = none,
+// or invalid) belong to no group: they sit at order[0 : starts[0]] (keys < 0) and
+// order[starts[num_groups] :] (keys >= num_groups). Group g is order[starts[g] : starts[g + 1]]
+// in increasing row order, which is what makes every backward reduction run in a fixed
+// order. No host sync.
 std::tuple<Tensor, Tensor> group_rows(const Tensor& keys, int64_t num_groups);
 
 // ---- CPU kernels (cpu/*.cpp) --------------------------------------------------------
@@ -66,16 +109,27 @@ std::tuple<Tensor, Tensor, Tensor> rational_backward_cpu(const Tensor& grad, con
                                                          const Tensor& rat_den);
 Tensor generate_cpu(const Tensor& pooled, const Tensor& adapter_ids, const Tensor& w_down,
                     const Tensor& b_down, const Tensor& rat_num, const Tensor& rat_den,
-                    const Tensor& w_up, const Tensor& b_up);
+                    const Tensor& w_up, const Tensor& b_up, bool check_ids);
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> generate_backward_cpu(
     const Tensor& grad, const Tensor& pooled, const Tensor& adapter_ids, const Tensor& w_down,
     const Tensor& b_down, const Tensor& rat_num, const Tensor& rat_den, const Tensor& w_up);
-Tensor modulate_cpu(const Tensor& x, const Tensor& vectors, const std::optional<Tensor>& seq_ids);
-Tensor modulate_backward_vectors_cpu(const Tensor& grad, const Tensor& x,
-                                     const std::optional<Tensor>& seq_ids, int64_t num_seqs);
 std::tuple<Tensor, Tensor> generate_and_modulate_cpu(
     const Tensor& x, const std::optional<Tensor>& seq_ids, const Tensor& pooled,
     const Tensor& adapter_ids, const Tensor& w_down, const Tensor& b_down, const Tensor& rat_num,
-    const Tensor& rat_den, const Tensor& w_up, const Tensor& b_up);
+    const Tensor& rat_den, const Tensor& w_up, const Tensor& b_up, bool check_ids);
+Tensor modulate_cpu(const Tensor& x, const Tensor& vectors, const std::optional<Tensor>& seq_ids,
+                    bool check_ids);
+void modulate_inplace_cpu(const Tensor& x, const Tensor& vectors,
+                          const std::optional<Tensor>& seq_ids, bool check_ids);
+Tensor modulate_backward_x_cpu(const Tensor& grad, const Tensor& vectors,
+                               const std::optional<Tensor>& seq_ids);
+Tensor modulate_backward_vectors_cpu(const Tensor& grad, const Tensor& x,
+                                     const std::optional<Tensor>& seq_ids, int64_t num_seqs);
+Tensor act_mul_modulate_cpu(const Tensor& gate, const Tensor& up, const Tensor& vectors,
+                            const std::optional<Tensor>& seq_ids, std::string_view activation,
+                            bool check_ids);
+std::tuple<Tensor, Tensor, Tensor> act_mul_modulate_backward_cpu(
+    const Tensor& grad, const Tensor& gate, const Tensor& up, const Tensor& vectors,
+    const std::optional<Tensor>& seq_ids, std::string_view activation);
 
 }  // namespace pedro_ext

@@ -25,7 +25,8 @@ def build_info() -> dict:
 
 
 def set_cuda_index_checks(enabled: bool) -> None:
-    """The CUDA ops check adapter_ids / seq_ids ranges on the host (one sync per call) unless a
-    CUDA graph is being captured. Servers that build ids themselves may turn this off; the
-    kernels still never read out of bounds (bad rows come out as NaN)."""
+    """Process-wide switch of the CUDA ops' id range check (one host sync per call; never done
+    during CUDA-graph capture). Servers that build ids themselves may turn it off; a caller that
+    validated one call's ids passes check_ids=False to that op instead. Unchecked invalid ids are
+    never read: the rows they select come out as NaN (the rule in pedro_ext.ops)."""
     _C.set_cuda_index_checks(bool(enabled))

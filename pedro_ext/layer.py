@@ -18,51 +18,16 @@ BANK_KEYS = ("w_down", "b_down", "rat_num", "rat_den", "w_up", "b_up")
 NORM_EPS = 1e-6
 
 
-# ---------------------------------------------------------------------------------------------
-# TO BE REPLACED AT MERGE (coordinator): the kernels branch adds pedro_ext.modulate_,
-# pedro_ext.act_mul_modulate and the `check_ids` keyword of pedro_ext.generate / modulate. After
-# the merge this block is only
-#     _KERNEL_OPS = dict(generate=ops.generate, modulate=ops.modulate, modulate_=ops.modulate_,
-#                        act_mul_modulate=ops.act_mul_modulate)
-# (and _REFERENCE_OPS may take modulate_ / act_mul_modulate from pedro_ext.reference).
-def _modulate_inplace(x, vectors, seq_ids=None, *, check_ids=True):
-    """Stand-in for pedro_ext.modulate_: x *= vectors[row] in place (padded [B, T, D] rows b,
-    packed [S, D] rows seq_ids[s]); returns x; no autograd."""
-    if check_ids and seq_ids is not None and seq_ids.numel() and (
-            int(seq_ids.min()) < 0 or int(seq_ids.max()) >= vectors.shape[0]):
-        raise ValueError(f"modulate_: seq_ids must be in [0, {vectors.shape[0]})")
-    per_row = vectors.unsqueeze(1) if seq_ids is None else vectors[seq_ids.long()]
-    return x.mul_(per_row)
-
-
-_ACTIVATIONS = {"silu": F.silu, "gelu_tanh": lambda t: F.gelu(t, approximate="tanh")}
-
-
-def _act_mul_modulate(gate, up, vectors, seq_ids=None, activation="silu", *, check_ids=True):
-    """Stand-in for pedro_ext.act_mul_modulate: act(gate) * up * vectors[row], differentiable."""
-    if activation not in _ACTIVATIONS:
-        raise ValueError(f"act_mul_modulate: activation must be one of {sorted(_ACTIVATIONS)}, "
-                         f"got {activation!r}")
-    if check_ids and seq_ids is not None and seq_ids.numel() and (
-            int(seq_ids.min()) < 0 or int(seq_ids.max()) >= vectors.shape[0]):
-        raise ValueError(f"act_mul_modulate: seq_ids must be in [0, {vectors.shape[0]})")
-    per_row = vectors.unsqueeze(1) if seq_ids is None else vectors[seq_ids.long()]
-    return _ACTIVATIONS[activation](gate) * up * per_row
-
-
 def _without_check_ids(op):
+    """The reference ops validate every call; they take (and ignore) the kernels' check_ids."""
     def call(*args, check_ids=True, **kwargs):
         return op(*args, **kwargs)
     return call
 
 
-_KERNEL_OPS = dict(generate=_without_check_ids(ops.generate),
-                   modulate=_without_check_ids(ops.modulate),
-                   modulate_=_modulate_inplace, act_mul_modulate=_act_mul_modulate)
-_REFERENCE_OPS = dict(generate=_without_check_ids(reference.generate),
-                      modulate=_without_check_ids(reference.modulate),
-                      modulate_=_modulate_inplace, act_mul_modulate=_act_mul_modulate)
-# ---------------------------------------------------------------------------------------------
+_KERNEL_OPS = dict(generate=ops.generate, modulate=ops.modulate, modulate_=ops.modulate_,
+                   act_mul_modulate=ops.act_mul_modulate)
+_REFERENCE_OPS = {name: _without_check_ids(getattr(reference, name)) for name in _KERNEL_OPS}
 
 # The op implementations the layers call; the benchmark swaps in the pure-PyTorch reference.
 _OPS = dict(_KERNEL_OPS)

@@ -1,8 +1,11 @@
 """Pure-PyTorch PEDRO ops, written for clarity: the independent reference the kernels are
 tested against. Differentiable with ordinary autograd. Computes in float32 (float64 for
-float64 inputs) and rounds once to the input dtype, like the kernels.
+float64 inputs) and rounds once to the input dtype, like the kernels. Invalid ids follow the
+kernels' rule (see pedro_ext.ops): the output they select is a constant NaN (torch.where, so
+no gradient flows through it).
 """
 import torch
+import torch.nn.functional as F
 
 
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -29,25 +32,63 @@ def rational(x: torch.Tensor, rat_num: torch.Tensor, rat_den: torch.Tensor) -> t
 
 def generate(pooled, adapter_ids, w_down, b_down, rat_num, rat_den, w_up, b_up) -> torch.Tensor:
     acc = _acc_dtype(pooled.dtype)
+    n = w_down.shape[0]
     ids = adapter_ids.long()
-    has_adapter = ids >= 0
-    a = ids.clamp(min=0)
-    if w_down.shape[0] == 0:  # empty bank: every row must be "no adapter"
-        return torch.ones(pooled.shape[0], w_up.shape[2], dtype=pooled.dtype, device=pooled.device)
-    z = torch.einsum("bd,bdr->br", pooled.to(acc), w_down[a].to(acc)) + b_down[a].to(acc)
-    h = rational_eval(z, rat_num[a].to(acc).unsqueeze(1), rat_den[a].to(acc).unsqueeze(1))
-    v = 1 + torch.einsum("br,brD->bD", h, w_up[a].to(acc)) + b_up[a].to(acc)
-    v = torch.where(has_adapter.unsqueeze(1), v, torch.ones_like(v))
+    valid = (ids >= -1) & (ids < n)
+    has_adapter = valid & (ids >= 0)
+    shape = (pooled.shape[0], w_up.shape[2])
+    ones = torch.ones(shape, dtype=acc, device=pooled.device)
+    if n == 0:  # empty bank: every row is "no adapter" or invalid
+        v = ones
+    else:
+        a = torch.where(has_adapter, ids, 0)
+        z = torch.einsum("bd,bdr->br", pooled.to(acc), w_down[a].to(acc)) + b_down[a].to(acc)
+        h = rational_eval(z, rat_num[a].to(acc).unsqueeze(1), rat_den[a].to(acc).unsqueeze(1))
+        v = 1 + torch.einsum("br,brD->bD", h, w_up[a].to(acc)) + b_up[a].to(acc)
+        v = torch.where(has_adapter.unsqueeze(1), v, ones)
+    v = torch.where(valid.unsqueeze(1), v, torch.full_like(v, float("nan")))
     return v.to(pooled.dtype)
+
+
+def _rows_of(x, vectors, seq_ids):
+    """vectors broadcast against x's rows, and which rows are valid (None: all). Invalid rows
+    read ones instead (through torch.where: no gradient reaches vectors, and a NaN vector of
+    another request cannot leak into their gradient)."""
+    if seq_ids is None:
+        return vectors.unsqueeze(1), None  # [B, 1, D] against x [B, T, D]
+    s = seq_ids.long()
+    valid = ((s >= 0) & (s < vectors.shape[0])).unsqueeze(1)
+    ones = torch.ones(x.shape, dtype=vectors.dtype, device=x.device)
+    if vectors.shape[0] == 0:  # no request: every row is invalid
+        return ones, valid
+    return torch.where(valid, vectors[torch.where(valid[:, 0], s, 0)], ones), valid
+
+
+def _where_valid(out, valid):
+    return out if valid is None else torch.where(valid, out, torch.full_like(out, float("nan")))
 
 
 def modulate(x: torch.Tensor, vectors: torch.Tensor, seq_ids=None) -> torch.Tensor:
     acc = _acc_dtype(x.dtype)
-    if seq_ids is None:
-        per_row = vectors.unsqueeze(1)  # [B, 1, D] against x [B, T, D]
-    else:
-        per_row = vectors[seq_ids.long()]  # [S, D] against x [S, D]
-    return (x.to(acc) * per_row.to(acc)).to(x.dtype)
+    per_row, valid = _rows_of(x, vectors, seq_ids)
+    return _where_valid(x.to(acc) * per_row.to(acc), valid).to(x.dtype)
+
+
+def modulate_(x: torch.Tensor, vectors: torch.Tensor, seq_ids=None) -> torch.Tensor:
+    with torch.no_grad():
+        return x.copy_(modulate(x, vectors, seq_ids))
+
+
+def activation_fn(name: str):
+    """The gated-MLP activations of act_mul_modulate, as torch defines them."""
+    return {"silu": F.silu, "gelu_tanh": lambda g: F.gelu(g, approximate="tanh")}[name]
+
+
+def act_mul_modulate(gate, up, vectors, seq_ids=None, activation="silu") -> torch.Tensor:
+    acc = _acc_dtype(gate.dtype)
+    per_row, valid = _rows_of(gate, vectors, seq_ids)
+    out = activation_fn(activation)(gate.to(acc)) * up.to(acc) * per_row.to(acc)
+    return _where_valid(out, valid).to(gate.dtype)
 
 
 def generate_and_modulate(x, seq_ids, pooled, adapter_ids, w_down, b_down, rat_num, rat_den,

@@ -237,20 +237,31 @@ def _opcheck_cases():
     ops = torch.ops.pedro_ext
     req = lambda ts: [t.clone().requires_grad_() for t in ts]  # noqa: E731
     p, *a = req([pooled, *args])
-    return [
-        (ops.rational.default, (torch.randn(10, requires_grad=True), torch.randn(6), torch.randn(4))),
-        (ops.rational_backward.default, (torch.randn(10), torch.randn(10), torch.randn(6), torch.randn(4))),
-        (ops.generate.default, (p, ids, *a)),
-        (ops.generate_backward.default, (torch.randn(4, 5), pooled, ids, *args[:5])),
-        (ops.modulate.default, (x.clone().requires_grad_(), v.clone().requires_grad_(), None)),
-        (ops.modulate.default, (xs, v, seq)),
-        (ops.modulate_backward_vectors.default, (torch.randn(7, 5), xs, seq, 4)),
-        (ops.modulate_backward_vectors.default, (torch.randn(4, 3, 5), x, None, 4)),
-        (ops.generate_and_modulate.default, (xs.clone().requires_grad_(), seq, p, ids, *a)),
-    ]
+    g, u = torch.randn(4, 3, 5), torch.randn(4, 3, 5)
+    return {
+        "rational": (ops.rational.default, (torch.randn(10, requires_grad=True), torch.randn(6), torch.randn(4))),
+        "rational_backward": (ops.rational_backward.default, (torch.randn(10), torch.randn(10), torch.randn(6), torch.randn(4))),
+        "generate": (ops.generate.default, (p, ids, *a)),
+        "generate_unchecked": (ops.generate.default, (p, ids, *a, False)),
+        "generate_backward": (ops.generate_backward.default, (torch.randn(4, 5), pooled, ids, *args[:5])),
+        "modulate": (ops.modulate.default, (x.clone().requires_grad_(), v.clone().requires_grad_(), None)),
+        "modulate_packed": (ops.modulate.default, (xs, v, seq, False)),
+        "modulate_": (ops.modulate_.default, (x.clone(), v, None)),
+        "modulate_packed_": (ops.modulate_.default, (xs.clone(), v, seq, False)),
+        "modulate_backward_x": (ops.modulate_backward_x.default, (torch.randn(7, 5), v, seq)),
+        "modulate_backward_vectors": (ops.modulate_backward_vectors.default, (torch.randn(7, 5), xs, seq, 4)),
+        "modulate_backward_vectors_padded": (ops.modulate_backward_vectors.default, (torch.randn(4, 3, 5), x, None, 4)),
+        "generate_and_modulate": (ops.generate_and_modulate.default, (xs.clone().requires_grad_(), seq, p, ids, *a)),
+        "act_mul_modulate": (ops.act_mul_modulate.default, (*req([g, u, v]), None, "silu")),
+        "act_mul_modulate_packed": (ops.act_mul_modulate.default, (*req([xs, xs * 2, v]), seq, "gelu_tanh", False)),
+        "act_mul_modulate_backward": (ops.act_mul_modulate_backward.default, (torch.randn(7, 5), xs, xs * 2, v, seq, "silu")),
+    }
 
 
-@pytest.mark.parametrize("case", range(9))
+OPCHECK_CASES = list(_opcheck_cases())
+
+
+@pytest.mark.parametrize("case", OPCHECK_CASES)
 def test_opcheck(case):
     op, args = _opcheck_cases()[case]
     torch.library.opcheck(op, args)
@@ -358,3 +369,347 @@ def test_build_info():
     assert isinstance(info["cuda_kernels"], bool)
     if info["cuda_kernels"]:
         assert info["cuda_archs"]
+
+
+# ----------------------------------------------------------------------- invalid ids
+def assert_close_nan(actual, expected, dtype, what):
+    """assert_close where NaN must sit exactly where the reference has NaN."""
+    exp_nan = torch.isnan(expected.detach().double().cpu())
+    act_nan = torch.isnan(actual.detach().double().cpu())
+    assert torch.equal(act_nan, exp_nan), f"{what}: NaN at {act_nan.nonzero().tolist()}, " \
+                                          f"expected at {exp_nan.nonzero().tolist()}"
+    keep = ~exp_nan
+    assert_close(actual.detach().cpu()[keep], expected.detach().cpu()[keep], dtype, what)
+
+
+def _grads_nan(fn, inputs, grad_out, as_ref):
+    leaves = [(t.detach().double() if as_ref else t.detach().clone()).requires_grad_()
+              if t.is_floating_point() else t for t in inputs]
+    outs = fn(*leaves)
+    outs = outs if isinstance(outs, tuple) else (outs,)
+    gs = [g.double() if as_ref else g for g in grad_out]
+    torch.autograd.backward(outs, gs)
+    return [o.detach() for o in outs], [t.grad if t.is_floating_point() else None for t in leaves]
+
+
+def check_invalid_rule(fn_kernel, fn_ref, inputs, grad_out, dtype=torch.float32):
+    """Kernel (ids unchecked) against the reference: NaN where the reference says, equal
+    elsewhere, and gradients that are finite (no NaN leaks from the invalid rows)."""
+    outs, grads = _grads_nan(fn_kernel, inputs, grad_out, as_ref=False)
+    ref_outs, ref_grads = _grads_nan(fn_ref, inputs, grad_out, as_ref=True)
+    for i, (a, e) in enumerate(zip(outs, ref_outs)):
+        assert_close_nan(a, e, dtype, f"output {i}")
+    for i, (a, e) in enumerate(zip(grads, ref_grads)):
+        if a is not None:
+            assert_close_nan(a, e if e is not None else torch.zeros_like(a), dtype, f"grad {i}")
+    return outs, grads
+
+
+def test_generate_invalid_ids_give_nan_rows_and_no_gradient():
+    pooled, _, args = _small_problem(torch.float32)
+    ids = torch.tensor([2, 7, -1, -5])  # N = 3: rows 1 and 3 are invalid
+    outs, grads = check_invalid_rule(
+        lambda p, *a: pedro_ext.generate(p, ids, *a, check_ids=False),
+        lambda p, *a: ref.generate(p, ids, *a), [pooled, *args], [torch.randn(4, 5)])
+    v = outs[0]
+    assert torch.isnan(v[[1, 3]]).all() and torch.equal(v[2], torch.ones(5))
+    assert torch.all(grads[0][[1, 2, 3]] == 0) and grads[0][0].abs().sum() > 0
+    for g in grads[1:]:
+        assert torch.all(g[[0, 1]] == 0) and g[2].abs().sum() > 0  # only adapter 2 is used
+
+
+@pytest.mark.parametrize("op", ["modulate", "act_mul_modulate"])
+def test_modulate_invalid_seq_ids_give_nan_rows_and_no_gradient(op):
+    seq = torch.tensor([1, 4, 0, -1, 1, 2])  # B = 3: rows 1 and 3 are invalid
+    v = torch.randn(3, 7)
+    x, u = torch.randn(6, 7), torch.randn(6, 7)
+    if op == "modulate":
+        fk = lambda x, v: pedro_ext.modulate(x, v, seq, check_ids=False)  # noqa: E731
+        fr = lambda x, v: ref.modulate(x, v, seq)  # noqa: E731
+        inputs = [x, v]
+    else:
+        fk = lambda g, u, v: pedro_ext.act_mul_modulate(g, u, v, seq, check_ids=False)  # noqa: E731
+        fr = lambda g, u, v: ref.act_mul_modulate(g, u, v, seq)  # noqa: E731
+        inputs = [x, u, v]
+    outs, grads = check_invalid_rule(fk, fr, inputs, [torch.randn(6, 7)])
+    assert torch.isnan(outs[0][[1, 3]]).all() and not torch.isnan(outs[0][[0, 2, 4, 5]]).any()
+    for g in grads[:-1]:
+        assert torch.all(g[[1, 3]] == 0)  # the constant rows pass no gradient to x / gate / up
+    y = x.clone()
+    pedro_ext.modulate_(y, v, seq, check_ids=False)
+    assert torch.equal(torch.isnan(y), torch.isnan(ref.modulate(x, v, seq)))
+
+
+@pytest.mark.parametrize("layout", ["padded", "packed"])
+def test_generate_and_modulate_invalid_ids_follow_the_rule(layout):
+    pooled, _, args = _small_problem(torch.float32)
+    ids = torch.tensor([2, 9, -1, 0])  # request 1 has an invalid adapter
+    if layout == "packed":
+        seq = torch.tensor([0, 3, 4, 1, 2, -2, 0, 1])  # rows 2 and 5 have invalid seq ids
+        x = torch.randn(8, 5)
+    else:
+        seq, x = None, torch.randn(4, 3, 5)
+    fk = lambda x, p, *a: pedro_ext.generate_and_modulate(x, p, ids, *a, seq_ids=seq,  # noqa: E731
+                                                          check_ids=False)
+    fr = lambda x, p, *a: ref.generate_and_modulate(x, seq, p, ids, *a)  # noqa: E731
+    outs, grads = check_invalid_rule(fk, fr, [x, pooled, *args],
+                                     [torch.randn(x.shape), torch.randn(4, 5)])
+    assert torch.isnan(outs[1][1]).all()
+    if layout == "packed":
+        assert torch.isnan(outs[0][[2, 3, 5, 7]]).all()  # invalid seq ids, and rows of request 1
+        assert torch.all(grads[0][[2, 5]] == 0)
+
+
+def test_backward_ops_accept_invalid_ids_without_raising():
+    pooled, _, args = _small_problem(torch.float32)
+    ids = torch.tensor([2, 7, -1, -5])
+    g = torch.ops.pedro_ext.generate_backward(torch.randn(4, 5), pooled, ids, *args[:5])
+    assert torch.all(g[0][[1, 2, 3]] == 0)
+    gv = torch.ops.pedro_ext.modulate_backward_vectors(torch.ones(3, 2), torch.ones(3, 2),
+                                                       torch.tensor([0, 5, 0]), 2)
+    assert torch.equal(gv, torch.tensor([[2., 2.], [0., 0.]]))
+
+
+CHECKED_CALLS = [
+    ("adapter_ids values must lie in [-1, 3), got values from -1 to 3",
+     lambda: pedro_ext.generate(*_replace(1, torch.tensor([0, 3, -1, 1])))),
+    ("seq_ids values must lie in [0, 4), got values from 0 to 4",
+     lambda: pedro_ext.generate_and_modulate(torch.randn(3, 5), *_gen_args(), seq_ids=torch.tensor([0, 4, 1]))),
+    ("adapter_ids values must lie in [-1, 3)",
+     lambda: pedro_ext.generate_and_modulate(torch.randn(3, 5), *_replace(1, torch.tensor([0, -2, 1, 1])),
+                                             seq_ids=torch.tensor([0, 2, 1]))),
+    ("seq_ids values must lie in [0, 4)", lambda: pedro_ext.modulate_(torch.randn(3, 5), torch.randn(4, 5), torch.tensor([0, 4, 1]))),
+    ("seq_ids values must lie in [0, 4)",
+     lambda: pedro_ext.act_mul_modulate(torch.randn(3, 5), torch.randn(3, 5), torch.randn(4, 5), torch.tensor([-1, 0, 1]))),
+]
+
+
+@pytest.mark.parametrize("message,fn", CHECKED_CALLS, ids=[f"{i}" for i in range(len(CHECKED_CALLS))])
+def test_checked_ids_raise_index_error(message, fn):
+    import re
+    with pytest.raises(IndexError, match=re.escape(message)):
+        fn()
+
+
+def test_generate_backward_checks_the_device_of_grad():
+    """Issue 8 item 3: a grad on another device is refused, not read as a pointer. The CPU
+    kernel is called directly (the check is shared with the CUDA kernel), and the fake kernel
+    is reached by the dispatcher."""
+    pooled, ids, args = _small_problem(torch.float32)
+    op = torch.ops.pedro_ext.generate_backward.default
+    grad = torch.randn(4, 5, device="meta")
+    with pytest.raises(ValueError, match="grad is on meta but pooled is on cpu"):
+        op.redispatch(torch._C.DispatchKeySet(torch._C.DispatchKey.CPU), grad, pooled, ids, *args[:5])
+    with pytest.raises(ValueError, match="grad is on meta but pooled is on cpu"):
+        op(grad, pooled, ids, *args[:5])
+    with pytest.raises(ValueError, match=r"grad must be \[B, D\] = \[4, 5\]"):
+        op(torch.randn(4, 6), pooled, ids, *args[:5])
+
+
+# ----------------------------------------------------------------------- fake kernels check
+FAKE_CASES = [(m, a) for m, a in BAD_GENERATE if "values must lie" not in m and "meta" not in m]
+
+
+@pytest.mark.parametrize("message,args", FAKE_CASES, ids=[m for m, _ in FAKE_CASES])
+def test_fake_generate_checks_like_the_kernel(message, args):
+    import re
+    meta = [a.to("meta") for a in args]
+    with pytest.raises((ValueError, TypeError), match=re.escape(message)):
+        pedro_ext.generate(*meta)
+
+
+FAKE_MODULATE = [
+    ("x.size(2) is the vector width D", lambda d: pedro_ext.modulate(torch.randn(4, 2, 6, device=d), torch.randn(4, 5, device=d))),
+    ("vectors has dtype", lambda d: pedro_ext.modulate_(torch.randn(4, 2, 5, device=d), torch.randn(4, 5, dtype=torch.float16, device=d))),
+    ("seq_ids must be 1-D of length 3", lambda d: pedro_ext.modulate(torch.randn(3, 5, device=d), torch.randn(4, 5, device=d), torch.tensor([0, 1], device=d))),
+    ("up must have the shape of gate", lambda d: pedro_ext.act_mul_modulate(torch.randn(3, 5, device=d), torch.randn(3, 4, device=d), torch.randn(4, 5, device=d), torch.zeros(3, dtype=torch.long, device=d))),
+    ("activation must be 'silu' or 'gelu_tanh', got 'relu'", lambda d: pedro_ext.act_mul_modulate(torch.randn(4, 2, 5, device=d), torch.randn(4, 2, 5, device=d), torch.randn(4, 5, device=d), activation="relu")),
+    ("gate must be float32, float16, bfloat16 or float64", lambda d: pedro_ext.act_mul_modulate(torch.ones(4, 2, 5, dtype=torch.int32, device=d), torch.ones(4, 2, 5, dtype=torch.int32, device=d), torch.randn(4, 5, device=d))),
+    ("rat_den must be 1-D", lambda d: pedro_ext.rational(torch.randn(3, device=d), torch.randn(2, device=d), torch.randn(2, 2, device=d))),
+    ("x.size(0) is the number of sequences B", lambda d: pedro_ext.generate_and_modulate(torch.randn(5, 2, 5, device=d), *[a.to(d) for a in _gen_args()])),
+]
+
+
+@pytest.mark.parametrize("device", ["cpu", "meta"])
+@pytest.mark.parametrize("message,fn", FAKE_MODULATE, ids=[m for m, _ in FAKE_MODULATE])
+def test_fake_and_real_kernels_raise_the_same_error(message, fn, device):
+    import re
+    with pytest.raises((ValueError, TypeError), match=re.escape(message)):
+        fn(device)
+
+
+def test_torch_compile_reports_bad_shapes_at_trace_time():
+    def f(x, v):
+        return pedro_ext.modulate(x, v) * 2
+
+    compiled = torch.compile(f, backend="aot_eager", fullgraph=True)
+    with pytest.raises(Exception, match=r"pedro_ext\.modulate: x\.size\(2\) is the vector width D"):
+        compiled(torch.randn(4, 2, 6), torch.randn(4, 5))
+
+
+# ----------------------------------------------------------------------- modulate_
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("layout", ["padded", "packed", "strided"])
+def test_modulate_inplace_matches_modulate(dtype, layout):
+    g = torch.Generator().manual_seed(8)
+    wide_v = torch.randn(5, 40, generator=g).to(dtype)
+    v = wide_v[:, 3:35]  # a column slice, like l_q
+    seq = None
+    if layout == "packed":
+        seq = torch.randint(0, 5, (11,), generator=g)
+        base = torch.randn(11, 32, generator=g).to(dtype)
+    elif layout == "padded":
+        base = torch.randn(5, 3, 32, generator=g).to(dtype)
+    else:  # rows of a fused projection: evenly strided, not contiguous
+        base = torch.randn(5, 3, 96, generator=g).to(dtype)[..., 32:64]
+    expected = pedro_ext.modulate(base, v, seq)
+    x = base.clone() if layout != "strided" else base
+    version = x._version
+    out = pedro_ext.modulate_(x, v, seq)
+    assert out is x and x._version > version
+    assert torch.equal(x, expected)
+
+
+def test_modulate_inplace_handles_unevenly_strided_rows():
+    x = torch.randn(4, 6, 10).transpose(0, 1)[:, :, 2:7]  # [6, 4, 5], rows not evenly spaced
+    v = torch.randn(6, 5)
+    expected = x * v[:, None, :]
+    pedro_ext.modulate_(x, v)
+    assert torch.equal(x, expected)
+
+
+def test_modulate_inplace_refuses_autograd_and_overlap():
+    x = torch.randn(2, 3, 4, requires_grad=True)
+    v = torch.randn(2, 4)
+    with pytest.raises(RuntimeError, match="pedro_ext.modulate_: the in-place op has no autograd"):
+        pedro_ext.modulate_(x.clone(), v.requires_grad_())
+    with torch.no_grad():
+        y = x.clone()
+        pedro_ext.modulate_(y, v)
+    assert torch.equal(y, pedro_ext.modulate(x, v).detach())
+    with torch.inference_mode():
+        z = torch.randn(2, 3, 4)
+        assert torch.equal(pedro_ext.modulate_(z.clone(), v), z * v[:, None])
+    with pytest.raises(RuntimeError, match="more than one element"):
+        pedro_ext.modulate_(torch.randn(2, 1, 4).expand(2, 3, 4), torch.randn(2, 4))
+    shared = torch.randn(2, 4)
+    with pytest.raises(RuntimeError, match="refer to a single memory location"):
+        pedro_ext.modulate_(shared.view(2, 1, 4), shared)
+
+
+def test_modulate_reads_strided_rows_without_copy():
+    fused = torch.randn(3, 4, 30)
+    x = fused[..., 10:20]
+    v = torch.randn(3, 10)
+    assert torch.equal(pedro_ext.modulate(x, v), x * v[:, None])
+
+
+# ----------------------------------------------------------------------- act_mul_modulate
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("layout", ["padded", "packed", "fused_gate_up"])
+@pytest.mark.parametrize("activation", ["silu", "gelu_tanh"])
+def test_act_mul_modulate_matches_reference(dtype, layout, activation):
+    g = torch.Generator().manual_seed(9)
+    b, t, big_d = 4, 5, 37
+    v = (torch.randn(b, big_d + 6, generator=g) * 0.5 + 1).to(dtype)[:, 2:2 + big_d]
+    seq = None
+    if layout == "packed":
+        seq = torch.randint(0, b, (13,), generator=g)
+        gate = (torch.randn(13, big_d, generator=g) * 3).to(dtype)
+        up = torch.randn(13, big_d, generator=g).to(dtype)
+    elif layout == "padded":
+        gate = (torch.randn(b, t, big_d, generator=g) * 3).to(dtype)
+        up = torch.randn(b, t, big_d, generator=g).to(dtype)
+    else:  # gate and up as the two halves of one fused projection (Phi-3 style)
+        gate_up = (torch.randn(b, t, 2 * big_d, generator=g) * 3).to(dtype)
+        gate, up = gate_up.chunk(2, dim=-1)
+    grad = torch.randn(gate.shape, generator=g).to(dtype)
+    fk = lambda gg, uu, vv: pedro_ext.act_mul_modulate(gg, uu, vv, seq, activation)  # noqa: E731
+    fr = lambda gg, uu, vv: ref.act_mul_modulate(gg, uu, vv, seq, activation)  # noqa: E731
+    out, grads = kernel_grads(fk, [gate, up, v], grad)
+    exp, exp_grads = ref_grads(fr, [gate, up, v], grad)
+    assert_close(out, exp, dtype, "act_mul_modulate")
+    for name, a, e in zip(["gate", "up", "vectors"], grads, exp_grads):
+        assert_close(a, e, dtype, f"grad {name}")
+
+
+def test_act_mul_modulate_equals_the_unfused_path_in_float64():
+    gate, up = torch.randn(3, 4, 9, dtype=torch.float64) * 4, torch.randn(3, 4, 9, dtype=torch.float64)
+    v = torch.randn(3, 9, dtype=torch.float64)
+    for name, act in [("silu", torch.nn.functional.silu),
+                      ("gelu_tanh", lambda z: torch.nn.functional.gelu(z, approximate="tanh"))]:
+        torch.testing.assert_close(pedro_ext.act_mul_modulate(gate, up, v, activation=name),
+                                   act(gate) * up * v[:, None], rtol=1e-13, atol=1e-13)
+
+
+def test_act_mul_modulate_extreme_gate_values():
+    gate = torch.tensor([[[-1e4, -100., -20., -1e-30, 0., 1e-30, 20., 100., 1e4, float("nan")]]])
+    up, v = torch.ones_like(gate), torch.ones(1, 10)
+    for name in ["silu", "gelu_tanh"]:
+        got = pedro_ext.act_mul_modulate(gate, up, v, activation=name)
+        exp = ref.act_mul_modulate(gate.double(), up.double(), v.double(), activation=name)
+        assert torch.equal(torch.isnan(got), torch.isnan(exp))
+        torch.testing.assert_close(got[~torch.isnan(got)].double(), exp[~torch.isnan(exp)],
+                                   rtol=1e-5, atol=1e-30)
+
+
+def test_gradcheck_act_mul_modulate():
+    gate = torch.randn(3, 2, 4, dtype=torch.float64, requires_grad=True)
+    up = torch.randn(3, 2, 4, dtype=torch.float64, requires_grad=True)
+    v = torch.randn(3, 4, dtype=torch.float64, requires_grad=True)
+    for act in ["silu", "gelu_tanh"]:
+        assert torch.autograd.gradcheck(lambda g, u, w: pedro_ext.act_mul_modulate(g, u, w, activation=act),
+                                        (gate, up, v))
+        seq = torch.tensor([2, 0, 2, 1, 2])
+        assert torch.autograd.gradcheck(
+            lambda g, u, w: pedro_ext.act_mul_modulate(g, u, w, seq, act),
+            (gate[0, :, :].detach().repeat(3, 1)[:5].requires_grad_(),
+             up[1].detach().repeat(3, 1)[:5].requires_grad_(), v))
+
+
+def test_act_mul_modulate_backward_is_deterministic():
+    g = torch.Generator().manual_seed(10)
+    gate, up = torch.randn(300, 64, generator=g), torch.randn(300, 64, generator=g)
+    v = torch.randn(3, 64, generator=g)
+    seq = torch.randint(0, 3, (300,), generator=g)
+    grad = torch.randn(300, 64, generator=g)
+    runs = [kernel_grads(lambda a, b, c: pedro_ext.act_mul_modulate(a, b, c, seq), [gate, up, v], grad)[1]
+            for _ in range(2)]
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
+
+
+def test_torch_compile_new_ops():
+    gate, up = torch.randn(2, 3, 8), torch.randn(2, 3, 8)
+    v = torch.randn(2, 8, requires_grad=True)
+
+    def train_step(gate, up, v):
+        return pedro_ext.act_mul_modulate(gate, up, v, activation="gelu_tanh").sum()
+
+    loss = torch.compile(train_step, backend="aot_eager", fullgraph=True)(gate, up, v)
+    loss.backward()
+    g_compiled = v.grad.clone()
+    v.grad = None
+    train_step(gate, up, v).backward()
+    torch.testing.assert_close(g_compiled, v.grad)
+
+    def decode_step(x, v):
+        pedro_ext.modulate_(x, v, check_ids=False)
+        return x + 1
+
+    with torch.no_grad():
+        x = torch.randn(2, 1, 8)
+        got = torch.compile(decode_step, backend="aot_eager", fullgraph=True)(x.clone(), v)
+        assert torch.equal(got, x * v[:, None] + 1)
+
+
+def test_per_token_ops_record_autograd_only_when_needed():
+    x = torch.randn(2, 3, 4, requires_grad=True)
+    v = torch.randn(2, 4)
+    for fn in (lambda: pedro_ext.modulate(x, v), lambda: pedro_ext.act_mul_modulate(x, x, v)):
+        assert fn().grad_fn is not None
+        with torch.no_grad():
+            assert not fn().requires_grad
+        assert fn().detach().grad_fn is None
+    plain = pedro_ext.modulate(x.detach(), v)
+    assert not plain.requires_grad and torch.equal(plain, (x * v[:, None]).detach())

@@ -1,5 +1,8 @@
-"""CUDA kernels against the CPU kernels and the float64 reference. Skipped without a GPU."""
+"""CUDA kernels against the float64 reference (and the CPU kernels). Skipped without a GPU.
+Strided and sliced arguments are made on the device (a .cuda() copy of a slice is contiguous),
+so the strided and the misaligned scalar paths are the ones tested."""
 import re
+import warnings
 
 import pytest
 import torch
@@ -37,8 +40,37 @@ def _compare_devices(fn, inputs, grads_out, dtype, ref_fn=None):
             assert_close(c, e if e is not None else torch.zeros_like(c), dtype, f"cuda grad {i}")
 
 
+def _views_against_reference(fn, ref_fn, bases, views, grads_out, dtype):
+    """fn on views of CUDA leaf tensors (slices made on the device) against ref_fn on the same
+    views of float64 CPU copies: outputs, and the gradients of the bases."""
+    def run(f, dev_bases, gs):
+        args = [view(b) for b, view in zip(dev_bases, views)]
+        outs = f(*args)
+        outs = outs if isinstance(outs, tuple) else (outs,)
+        torch.autograd.backward(outs, gs)
+        return [o.detach() for o in outs], [b.grad if b.is_floating_point() else None for b in dev_bases]
+
+    cuda_bases = [b.detach().clone().requires_grad_() if b.is_floating_point() else b for b in bases]
+    ref_bases = [b.detach().double().cpu().requires_grad_() if b.is_floating_point() else b.cpu()
+                 for b in bases]
+    outs, grads = run(fn, cuda_bases, grads_out)
+    r_outs, r_grads = run(ref_fn, ref_bases, [g.double().cpu() for g in grads_out])
+    for i, (a, e) in enumerate(zip(outs, r_outs)):
+        assert a.is_cuda
+        assert_close(a, e, dtype, f"output {i}")
+    for i, (a, e) in enumerate(zip(grads, r_grads)):
+        if a is not None:
+            assert_close(a, e, dtype, f"grad of input {i}")
+
+
+def _same(t):
+    return t
+
+
+# ----------------------------------------------------------------------- generate
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("shape", [(1, 1, 9, 1, 13), (37, 20, 65, 12, 301), (64, 100, 576, 16, 1000)])
+@pytest.mark.parametrize("shape", [(1, 1, 9, 1, 13), (37, 20, 65, 12, 301), (64, 100, 576, 16, 1000),
+                                   (5, 3, 70, 40, 33)])
 def test_generate_cuda(dtype, shape):
     b, n, d, r, big_d = shape
     bank = make_bank(n, d, r, big_d, dtype=dtype)
@@ -49,49 +81,167 @@ def test_generate_cuda(dtype, shape):
                      ref_fn=ref.generate)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("offset", [0, 3, 8])
+def test_generate_cuda_with_w_up_sliced_on_device(dtype, offset):
+    n, d, r, big_d, b = 4, 33, 6, 90, 7
+    bank = make_bank(n, d, r, big_d + 17, dtype=dtype, device="cuda")
+    pooled = torch.randn(b, d, device="cuda").to(dtype)
+    ids = random_ids(b, n, seed=4, device="cuda")
+    views = [_same, _same, _same, _same, _same, _same,
+             lambda t: t[:, :, offset:offset + big_d], lambda t: t[:, offset:offset + big_d]]
+    _views_against_reference(pedro_ext.generate, ref.generate, [pooled, ids, *bank_args(bank)],
+                             views, [torch.randn(b, big_d, device="cuda").to(dtype)], dtype)
+
+
+# ----------------------------------------------------------------------- modulate
+MOD_LAYOUTS = ["padded", "packed", "sliced", "sliced_aligned", "misaligned_x", "strided_x"]
+
+
+def _modulate_case(layout, b, t, big_d, dtype):
+    """(bases, views, seq_ids) for one layout; every tensor made on the device."""
+    dev = "cuda"
+    seq = None
+    x_view, v_view = _same, _same
+    if layout == "packed":
+        seq = torch.randint(0, b, (b * t,), device=dev)
+        x = torch.randn(b * t, big_d, device=dev).to(dtype)
+    elif layout == "misaligned_x":  # base pointer one element past a 16-byte boundary
+        x = torch.randn(b * t * big_d + 1, device=dev).to(dtype)
+        x_view = lambda z: z[1:].view(b, t, big_d)  # noqa: E731
+    elif layout == "strided_x":  # rows of a fused projection output
+        x = torch.randn(b, t, big_d + 11, device=dev).to(dtype)
+        x_view = lambda z: z[..., 5:5 + big_d]  # noqa: E731
+    else:
+        x = torch.randn(b, t, big_d, device=dev).to(dtype)
+    v = torch.randn(b, big_d + 16, device=dev).to(dtype)
+    if layout == "sliced":
+        v_view = lambda z: z[:, 3:3 + big_d]  # noqa: E731
+    elif layout == "sliced_aligned":
+        v_view = lambda z: z[:, 8:8 + big_d]  # noqa: E731
+    else:
+        v_view = lambda z: z[:, :big_d]  # noqa: E731
+    return x, v, x_view, v_view, seq
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("shape", [(1, 1, 4096), (3, 300, 37), (64, 2, 11008), (5, 7, 1)])
-@pytest.mark.parametrize("layout", ["padded", "packed", "sliced"])
+@pytest.mark.parametrize("shape", [(1, 1, 4096), (3, 300, 37), (64, 2, 11008), (5, 7, 1), (2, 3, 520)])
+@pytest.mark.parametrize("layout", MOD_LAYOUTS)
 def test_modulate_cuda(dtype, shape, layout):
     b, t, big_d = shape
-    wide = torch.randn(b, big_d + 3).to(dtype)
-    v = wide[:, 3:] if layout == "sliced" else wide[:, :big_d].contiguous()
+    x, v, x_view, v_view, seq = _modulate_case(layout, b, t, big_d, dtype)
+    grad = torch.randn(x_view(x).shape, device="cuda").to(dtype)
+    _views_against_reference(lambda a, c: pedro_ext.modulate(a, c, seq),
+                             lambda a, c: ref.modulate(a, c, None if seq is None else seq.cpu()),
+                             [x, v], [x_view, v_view], [grad], dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("layout", MOD_LAYOUTS)
+def test_modulate_inplace_cuda(dtype, layout):
+    b, t, big_d = 3, 5, 300
+    x, v, x_view, v_view, seq = _modulate_case(layout, b, t, big_d, dtype)
+    expected = pedro_ext.modulate(x_view(x), v_view(v), seq)
+    exp_ref = ref.modulate(x_view(x).double().cpu(), v_view(v).double().cpu(),
+                           None if seq is None else seq.cpu())
+    before = x.clone()
+    target = x_view(x)
+    out = pedro_ext.modulate_(target, v_view(v), seq)
+    assert out is target
+    assert torch.equal(target, expected)
+    assert_close(target, exp_ref, dtype, "modulate_")
+    if layout == "strided_x":  # the columns around the slice are untouched
+        assert torch.equal(x[..., :5], before[..., :5])
+        assert torch.equal(x[..., 5 + big_d:], before[..., 5 + big_d:])
+
+
+def test_modulate_inplace_cuda_unevenly_strided_rows():
+    x = torch.randn(4, 6, 10, device="cuda").transpose(0, 1)[:, :, 2:7]
+    v = torch.randn(6, 5, device="cuda")
+    expected = x * v[:, None, :]
+    pedro_ext.modulate_(x, v)
+    assert torch.equal(x, expected)
+
+
+# ----------------------------------------------------------------------- act_mul_modulate
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("layout", ["padded", "packed", "fused_gate_up", "misaligned"])
+@pytest.mark.parametrize("activation", ["silu", "gelu_tanh"])
+def test_act_mul_modulate_cuda(dtype, layout, activation):
+    b, t, big_d = 4, 9, 1031
+    dev = "cuda"
+    seq = None
+    v = (torch.randn(b, big_d + 5, device=dev) * 0.5 + 1).to(dtype)
+    views = [None, None, lambda z: z[:, 5:]]
     if layout == "packed":
-        seq = torch.randint(0, b, (b * t,))
-        x = torch.randn(b * t, big_d).to(dtype)
-        fk = lambda x, v, s: pedro_ext.modulate(x, v, s)  # noqa: E731
-        fr = lambda x, v, s: ref.modulate(x, v, s)  # noqa: E731
-        inputs = [x, v, seq]
+        seq = torch.randint(0, b, (23,), device=dev)
+        bases = [(torch.randn(23, big_d, device=dev) * 3).to(dtype), torch.randn(23, big_d, device=dev).to(dtype), v]
+        views[:2] = [_same, _same]
+    elif layout == "fused_gate_up":  # halves of one fused projection (Phi-3 style)
+        gate_up = (torch.randn(b, t, 2 * big_d, device=dev) * 3).to(dtype)
+        bases = [gate_up, gate_up.detach().clone(), v]
+        views[:2] = [lambda z: z[..., :big_d], lambda z: z[..., big_d:]]
+    elif layout == "misaligned":
+        bases = [(torch.randn(b * t * big_d + 1, device=dev) * 3).to(dtype),
+                 torch.randn(b * t * big_d + 2, device=dev).to(dtype), v]
+        views[:2] = [lambda z: z[1:].view(b, t, big_d), lambda z: z[2:].view(b, t, big_d)]
     else:
-        x = torch.randn(b, t, big_d).to(dtype)
-        fk = lambda x, v: pedro_ext.modulate(x, v)  # noqa: E731
-        fr = lambda x, v: ref.modulate(x, v)  # noqa: E731
-        inputs = [x, v]
-    _compare_devices(fk, inputs, [torch.randn(x.shape).to(dtype)], dtype, ref_fn=fr)
+        bases = [(torch.randn(b, t, big_d, device=dev) * 3).to(dtype), torch.randn(b, t, big_d, device=dev).to(dtype), v]
+        views[:2] = [_same, _same]
+    shape = views[0](bases[0]).shape
+    seq_cpu = None if seq is None else seq.cpu()
+    _views_against_reference(
+        lambda g, u, w: pedro_ext.act_mul_modulate(g, u, w, seq, activation),
+        lambda g, u, w: ref.act_mul_modulate(g, u, w, seq_cpu, activation),
+        bases, views, [torch.randn(shape, device=dev).to(dtype)], dtype)
 
 
+# ----------------------------------------------------------------------- fused prefill
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("layout", ["padded", "packed"])
 def test_generate_and_modulate_cuda(dtype, layout):
     n, d, r, big_d, b, t = 6, 100, 8, 700, 9, 33
-    bank = make_bank(n, d, r, big_d + 64, dtype=dtype)
-    args = bank_args(bank)
-    args[4], args[5] = args[4][:, :, 64:], args[5][:, 64:]
-    pooled = torch.randn(b, d).to(dtype)
-    ids = random_ids(b, n, seed=2)
-    seq = torch.randint(0, b, (b * t,)) if layout == "packed" else None
-    x = torch.randn(*((b * t,) if seq is not None else (b, t)), big_d).to(dtype)
-
-    def fk(x, p, i, *a):
-        return pedro_ext.generate_and_modulate(x, p, i, *a, seq_ids=None if seq is None else seq.to(x.device))
-
-    def fr(x, p, i, *a):
-        return ref.generate_and_modulate(x, seq, p, i, *a)
-
-    grads = [torch.randn(x.shape).to(dtype), torch.randn(b, big_d).to(dtype)]
-    _compare_devices(fk, [x, pooled, ids, *args], grads, dtype, ref_fn=fr)
+    dev = "cuda"
+    bank = make_bank(n, d, r, big_d + 64, dtype=dtype, device=dev)
+    pooled = torch.randn(b, d, device=dev).to(dtype)
+    ids = random_ids(b, n, seed=2, device=dev)
+    seq = torch.randint(0, b, (b * t,), device=dev) if layout == "packed" else None
+    x = torch.randn(*((b * t,) if seq is not None else (b, t)), big_d, device=dev).to(dtype)
+    views = [_same, _same, _same, *([_same] * 4), lambda w: w[:, :, 64:], lambda w: w[:, 64:]]
+    seq_cpu = None if seq is None else seq.cpu()
+    grads = [torch.randn(x.shape, device=dev).to(dtype), torch.randn(b, big_d, device=dev).to(dtype)]
+    _views_against_reference(
+        lambda xx, p, i, *a: pedro_ext.generate_and_modulate(xx, p, i, *a, seq_ids=seq),
+        lambda xx, p, i, *a: ref.generate_and_modulate(xx, seq_cpu, p, i, *a),
+        [x, pooled, ids, *bank_args(bank)], views, grads, dtype)
 
 
+@pytest.mark.parametrize("layout", ["padded", "packed_uneven"])
+def test_generate_and_modulate_cuda_one_long_request(layout):
+    """B = 1 (and very uneven packed requests): the rows are split over many blocks."""
+    dev, dtype = "cuda", torch.bfloat16
+    n, d, r, big_d = 3, 64, 8, 520
+    bank = make_bank(n, d, r, big_d, dtype=dtype, device=dev)
+    if layout == "padded":
+        b, seq = 1, None
+        x = torch.randn(1, 3000, big_d, device=dev).to(dtype)
+    else:
+        b = 3
+        seq = torch.cat([torch.zeros(2900, dtype=torch.long), torch.ones(3, dtype=torch.long),
+                         torch.full((40,), 2)])[torch.randperm(2943)].to(dev)
+        x = torch.randn(2943, big_d, device=dev).to(dtype)
+    pooled = torch.randn(b, d, device=dev).to(dtype)
+    ids = torch.tensor([1, -1, 2][:b], device=dev)
+    y, v = pedro_ext.generate_and_modulate(x, pooled, ids, *bank_args(bank), seq_ids=seq)
+    seq_cpu = None if seq is None else seq.cpu()
+    ey, ev = ref.generate_and_modulate(x.double().cpu(), seq_cpu, pooled.double().cpu(), ids.cpu(),
+                                       *[a.double().cpu() for a in bank_args(bank)])
+    assert_close(v, ev, dtype, "vectors")
+    assert_close(y, ey, dtype, "y")
+    assert torch.equal(y, pedro_ext.modulate(x, v, seq))
+
+
+# ----------------------------------------------------------------------- rational
 def test_rational_cuda():
     x = torch.randn(10007) * 3
     num, den = torch.randn(6), torch.randn(4)
@@ -102,47 +252,102 @@ def test_rational_cuda():
     assert_close(y, ref.rational(xb.double(), nb.double(), db.double()), torch.bfloat16, "bf16")
 
 
+def test_rational_backward_cuda_many_blocks():
+    """More elements than 1024 blocks x 256 threads: the fixed block count loops."""
+    n = 300_000
+    x = (torch.randn(n, dtype=torch.float64) * 2).cuda()
+    num, den = torch.randn(6, dtype=torch.float64).cuda(), torch.randn(4, dtype=torch.float64).cuda()
+    grad = torch.randn(n, dtype=torch.float64).cuda()
+    got = torch.ops.pedro_ext.rational_backward(grad, x, num, den)
+    leaves = [t.cpu().clone().requires_grad_() for t in (x, num, den)]
+    ref.rational(*leaves).backward(grad.cpu())
+    for a, e in zip(got, leaves):
+        torch.testing.assert_close(a.cpu(), e.grad, rtol=1e-9, atol=1e-9)
+
+
+# ----------------------------------------------------------------------- determinism
+def _twice(fn):
+    return [fn() for _ in range(2)]
+
+
 def test_backward_is_bitwise_deterministic_cuda():
     bank = make_bank(8, 512, 16, 2048, dtype=torch.bfloat16, device="cuda")
     pooled = torch.randn(256, 512, device="cuda", dtype=torch.bfloat16)
     ids = torch.randint(0, 8, (256,), device="cuda")  # many requests share each adapter
     x = torch.randn(256, 4, 2048, device="cuda", dtype=torch.bfloat16)
     gy = torch.randn_like(x)
-    runs = []
-    for _ in range(2):
+
+    def fused():
         leaves = [t.clone().requires_grad_() for t in [x, pooled, *bank_args(bank)]]
         y, _ = pedro_ext.generate_and_modulate(leaves[0], leaves[1], ids, *leaves[2:])
         y.backward(gy)
-        runs.append([t.grad for t in leaves])
-    for a, b in zip(*runs):
-        assert torch.equal(a, b)
+        return [t.grad for t in leaves]
+
+    seq = torch.randint(0, 4, (5000,), device="cuda")  # ~1250 rows per request: many shares
+    g, u = torch.randn(5000, 1536, device="cuda"), torch.randn(5000, 1536, device="cuda")
+    v = torch.randn(4, 1536, device="cuda")
+    gout = torch.randn(5000, 1536, device="cuda")
+
+    def act_mul():
+        leaves = [t.clone().requires_grad_() for t in (g, u, v)]
+        pedro_ext.act_mul_modulate(leaves[0], leaves[1], leaves[2], seq, "gelu_tanh").backward(gout)
+        return [t.grad for t in leaves]
+
+    def packed_modulate():
+        leaves = [t.clone().requires_grad_() for t in (u, v)]
+        pedro_ext.modulate(leaves[0], leaves[1], seq).backward(gout)
+        return [t.grad for t in leaves]
+
+    xr = torch.randn(500_000, device="cuda")
+    num, den = torch.randn(6, device="cuda"), torch.randn(4, device="cuda")
+
+    def rational():
+        return list(torch.ops.pedro_ext.rational_backward(xr, xr.sin(), num, den))
+
+    for fn in (fused, act_mul, packed_modulate, rational):
+        first, second = _twice(fn)
+        for a, b in zip(first, second):
+            assert torch.equal(a, b), fn.__name__
 
 
+# ----------------------------------------------------------------------- graphs, big banks
 def test_cuda_graph_capture_and_replay():
     bank = make_bank(16, 256, 8, 1024, dtype=torch.float16, device="cuda")
     pooled = torch.randn(8, 256, device="cuda", dtype=torch.float16)
     ids = torch.randint(-1, 16, (8,), device="cuda")
     x = torch.randn(8, 1, 1024, device="cuda", dtype=torch.float16)
-    vectors = pedro_ext.generate(pooled, ids, *bank_args(bank))
+    gate = torch.randn(8, 1, 1024, device="cuda", dtype=torch.float16)
+    seq = torch.arange(8, device="cuda")
+    x_inplace = torch.empty(8, 1024, device="cuda", dtype=torch.float16)
+
+    def step():  # check_ids left at its default: skipped during capture
+        v = pedro_ext.generate(pooled, ids, *bank_args(bank))
+        y = pedro_ext.modulate(x, v)
+        x_inplace.copy_(x[:, 0])
+        pedro_ext.modulate_(x_inplace, v, seq)
+        z = pedro_ext.act_mul_modulate(gate, x, v)
+        return v, y, z
+
     s = torch.cuda.Stream()
     s.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(s):  # warm-up on a side stream, as torch.cuda.graphs asks
-        pedro_ext.modulate(x, vectors)
-        pedro_ext.generate(pooled, ids, *bank_args(bank))
+        step()
     torch.cuda.current_stream().wait_stream(s)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        v_g = pedro_ext.generate(pooled, ids, *bank_args(bank))
-        y_g = pedro_ext.modulate(x, v_g)
+        v_g, y_g, z_g = step()
     for _ in range(3):
         pooled.copy_(torch.randn_like(pooled))
         x.copy_(torch.randn_like(x))
+        gate.copy_(torch.randn_like(gate))
         ids.copy_(torch.randint(-1, 16, (8,), device="cuda"))
         graph.replay()
         torch.cuda.synchronize()
-        v_e = ref.generate(pooled.double(), ids, *[a.double() for a in bank_args(bank)])
+        v_e = ref.generate(pooled.double().cpu(), ids.cpu(), *[a.double().cpu() for a in bank_args(bank)])
         assert_close(v_g, v_e, torch.float16, "graph vectors")
         assert torch.equal(y_g, pedro_ext.modulate(x, v_g))
+        assert torch.equal(x_inplace, y_g[:, 0])
+        assert torch.equal(z_g, pedro_ext.act_mul_modulate(gate, x, v_g))
 
 
 def test_large_bank_cuda():
@@ -165,6 +370,121 @@ def test_large_bank_cuda():
     assert torch.all(leaves[4].grad[~used] == 0)
 
 
+def test_generate_backward_cuda_beyond_the_grid_y_limit():
+    """Issue 8 item 2: d * r / 256 > 65535 blocks in grid y; the kernel loops instead."""
+    n, d, r, big_d = 1, 16384, 1024, 8
+    bank = make_bank(n, d, r, big_d, device="cuda")
+    pooled = torch.randn(2, d, device="cuda")
+    ids = torch.tensor([0, 0], device="cuda")
+    gv = torch.randn(2, big_d, device="cuda")
+    leaves = [t.clone().requires_grad_() for t in bank_args(bank)]
+    pedro_ext.generate(pooled, ids, *leaves).backward(gv)
+    ref_leaves = [t.double().clone().requires_grad_() for t in bank_args(bank)]
+    ref.generate(pooled.double(), ids, *ref_leaves).backward(gv.double())
+    for a, e in zip(leaves, ref_leaves):
+        assert_close(a.grad, e.grad, torch.float32, "grad")
+
+
+# ----------------------------------------------------------------------- ids, syncs, devices
+def _assert_same_nan(a, e, dtype, what):
+    a, e = a.detach().cpu(), e.detach().cpu()
+    assert torch.equal(torch.isnan(a), torch.isnan(e)), what
+    keep = ~torch.isnan(e)
+    assert_close(a[keep], e[keep].to(a.dtype).double(), dtype, what)
+
+
+def test_cuda_invalid_ids_follow_the_rule():
+    """Issue 8 item 4: unchecked invalid ids give NaN rows (never uninitialised memory) and no
+    gradient, exactly as the CPU kernels and the reference do."""
+    bank = make_bank(3, 8, 2, 16, device="cuda")
+    pooled = torch.randn(4, 8, device="cuda")
+    ids = torch.tensor([1, 1_000_000, -1, -7], device="cuda")
+    seq = torch.tensor([0, 5, 1, 2, -1, 3, 0, 99], device="cuda")
+    x = torch.randn(8, 16, device="cuda")
+    gate = torch.randn(8, 16, device="cuda")
+    cpu = lambda ts: [t.cpu() for t in ts]  # noqa: E731
+
+    gy, gv = torch.randn(8, 16), torch.randn(4, 16)
+
+    def run(device_args, kernel):
+        p, i, s, xx, gg, *bk = device_args
+        leaves = [t.clone().requires_grad_() for t in (xx, p, *bk)]
+        if kernel:
+            y, v = pedro_ext.generate_and_modulate(leaves[0], leaves[1], i, *leaves[2:], seq_ids=s,
+                                                   check_ids=False)
+        else:
+            y, v = ref.generate_and_modulate(leaves[0], s, leaves[1], i, *leaves[2:])
+        torch.autograd.backward([y, v], [gy.to(y), gv.to(v)])
+        return [y, v] + [t.grad for t in leaves]
+
+    got = run([pooled, ids, seq, x, gate, *bank_args(bank)], True)
+    on_cpu = run(cpu([pooled, ids, seq, x, gate, *bank_args(bank)]), True)
+    exp = run([t.double() if t.is_floating_point() else t
+               for t in cpu([pooled, ids, seq, x, gate, *bank_args(bank)])], False)
+    for i, (a, c, e) in enumerate(zip(got, on_cpu, exp)):
+        _assert_same_nan(a, e, torch.float32, f"fused {i} vs reference")
+        _assert_same_nan(a, c, torch.float32, f"fused {i} vs cpu")
+    v = got[1]
+    assert torch.isnan(v[[1, 3]]).all() and torch.equal(v[2], torch.ones(16, device="cuda"))
+    assert torch.isnan(got[0][[1, 4, 7]]).all()
+    assert torch.all(got[2][[1, 4, 7]] == 0)  # rows with an invalid seq id pass no gradient
+    assert torch.all(got[3][[1, 3]] == 0)  # requests with an invalid adapter neither
+
+    vv = torch.randn(4, 16, device="cuda")
+    for name, fn, fr in [
+        ("modulate", lambda: pedro_ext.modulate(x, vv, seq, check_ids=False),
+         lambda: ref.modulate(x.cpu(), vv.cpu(), seq.cpu())),
+        ("act_mul_modulate", lambda: pedro_ext.act_mul_modulate(gate, x, vv, seq, check_ids=False),
+         lambda: ref.act_mul_modulate(gate.cpu(), x.cpu(), vv.cpu(), seq.cpu())),
+        ("modulate_", lambda: pedro_ext.modulate_(x.clone(), vv, seq, check_ids=False),
+         lambda: ref.modulate(x.cpu(), vv.cpu(), seq.cpu())),
+    ]:
+        _assert_same_nan(fn(), fr(), torch.float32, name)
+    pedro_ext.set_cuda_index_checks(False)
+    try:  # the process-wide switch for servers
+        v = pedro_ext.generate(pooled, ids, *bank_args(bank))
+        assert torch.isnan(v[1]).all() and not torch.isnan(v[0]).any()
+    finally:
+        pedro_ext.set_cuda_index_checks(True)
+    torch.cuda.synchronize()
+
+
+def _count_syncs(fn):
+    torch.cuda.synchronize()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            fn()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return sum("synchroniz" in str(w.message) for w in caught)
+
+
+def test_id_checks_cost_one_sync_and_none_when_validated():
+    """Issue 8 item 7: one host sync per checked call (both id tensors in one copy), none with
+    check_ids=False."""
+    bank = make_bank(3, 8, 2, 16, device="cuda")
+    pooled = torch.randn(2, 8, device="cuda")
+    ids = torch.tensor([0, 2], device="cuda")
+    seq = torch.tensor([0, 1, 1], device="cuda")
+    x = torch.randn(3, 16, device="cuda")
+    v = torch.randn(2, 16, device="cuda")
+    calls = {
+        "generate": lambda c: pedro_ext.generate(pooled, ids, *bank_args(bank), check_ids=c),
+        "modulate": lambda c: pedro_ext.modulate(x, v, seq, check_ids=c),
+        "modulate_": lambda c: pedro_ext.modulate_(x.clone(), v, seq, check_ids=c),
+        "act_mul_modulate": lambda c: pedro_ext.act_mul_modulate(x, x, v, seq, check_ids=c),
+        "generate_and_modulate": lambda c: pedro_ext.generate_and_modulate(
+            x, pooled, ids, *bank_args(bank), seq_ids=seq, check_ids=c),
+    }
+    for name, call in calls.items():
+        call(True)  # warm-up
+        assert _count_syncs(lambda: call(False)) == 0, name
+        assert _count_syncs(lambda: call(True)) == 1, name
+    assert _count_syncs(lambda: pedro_ext.modulate(x.view(1, 3, 16), v[:1])) == 0
+
+
 def test_cuda_bad_ids_raise_and_never_read_out_of_bounds():
     bank = make_bank(3, 8, 2, 16, device="cuda")
     pooled = torch.randn(2, 8, device="cuda")
@@ -175,12 +495,14 @@ def test_cuda_bad_ids_raise_and_never_read_out_of_bounds():
                            torch.tensor([0, 2, 1], device="cuda"))
     with pytest.raises(ValueError, match="all arguments must be on one device"):
         pedro_ext.generate(pooled, torch.tensor([0, 1]), *bank_args(bank))
-    pedro_ext.set_cuda_index_checks(False)
-    try:  # with checks off, bad rows come out as NaN, good rows are unaffected
-        v = pedro_ext.generate(pooled, torch.tensor([1_000_000, 1], device="cuda"), *bank_args(bank))
-        assert torch.isnan(v[0]).all() and not torch.isnan(v[1]).any()
-        y = pedro_ext.modulate(torch.randn(2, 16, device="cuda"), v, torch.tensor([1, -5], device="cuda"))
-        assert torch.isnan(y[1]).all() and not torch.isnan(y[0]).any()
-        torch.cuda.synchronize()
-    finally:
-        pedro_ext.set_cuda_index_checks(True)
+    torch.cuda.synchronize()
+
+
+def test_generate_backward_cuda_refuses_a_cpu_grad():
+    """Issue 8 item 3: a CPU grad is refused, not read as a device pointer."""
+    bank = make_bank(3, 8, 2, 16, device="cuda")
+    pooled = torch.randn(2, 8, device="cuda")
+    ids = torch.tensor([0, 2], device="cuda")
+    with pytest.raises(ValueError, match="grad is on cpu but pooled is on cuda"):
+        torch.ops.pedro_ext.generate_backward(torch.randn(2, 16), pooled, ids, *bank_args(bank)[:5])
+    torch.cuda.synchronize()

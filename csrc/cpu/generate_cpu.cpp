@@ -1,17 +1,13 @@
-// CPU kernels: at::parallel_for over requests / adapters / rows, contiguous inner loops that
-// the compiler vectorises (at::vec for the elementwise products), fp32 (fp64 for double)
+// CPU kernels of the vector generator (rational, generate, their backward, the fused prefill):
+// at::parallel_for over requests / adapters, contiguous inner loops, fp32 (fp64 for double)
 // accumulation. Reductions over requests run in a fixed order, so results do not depend on
-// the number of threads.
+// the number of threads. Invalid adapter ids follow the rule in pedro.h.
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
-#include <cstring>
+#include <limits>
 #include <vector>
-
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#include <immintrin.h>
-#endif
 
 #include "../pedro.h"
 #include "../rational.h"
@@ -25,91 +21,6 @@ template <typename T>
 std::vector<at::opmath_type<T>> to_acc(const T* p, int64_t n) {
   return std::vector<at::opmath_type<T>>(p, p + n);
 }
-
-// The extension is built for baseline x86-64 (torch builds its own kernels once per CPU
-// capability, which an extension cannot reuse): the hot elementwise loop gets an AVX2 clone
-// picked at load time, and the half types get AVX2 / F16C paths chosen at run time.
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define PEDRO_X86_CLONES 1
-#define PEDRO_CPU_CLONES __attribute__((target_clones("arch=haswell", "default")))
-#else
-#define PEDRO_CPU_CLONES
-#endif
-
-// y[0:n] = x[0:n] * v[0:n] with the product in fp32 (fp64 for double), rounded once to T.
-// Plain contiguous loops the compiler vectorises; at::vec's portable fallback was 2x slower.
-template <typename T>
-PEDRO_CPU_CLONES void scale_row(T* __restrict__ y, const T* __restrict__ x,
-                                const T* __restrict__ v, int64_t n) {
-  using acc_t = at::opmath_type<T>;
-  for (int64_t j = 0; j < n; ++j)
-    y[j] = static_cast<T>(static_cast<acc_t>(x[j]) * static_cast<acc_t>(v[j]));
-}
-
-#ifdef PEDRO_X86_CLONES
-__attribute__((target("avx2,f16c"))) void scale_row_f16c(c10::Half* y, const c10::Half* x,
-                                                         const c10::Half* v, int64_t n) {
-  int64_t j = 0;
-  for (; j + 8 <= n; j += 8) {
-    const __m256 a = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(x + j)));
-    const __m256 b = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(v + j)));
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(y + j),
-                     _mm256_cvtps_ph(_mm256_mul_ps(a, b), _MM_FROUND_TO_NEAREST_INT));
-  }
-  for (; j < n; ++j) y[j] = static_cast<c10::Half>(float(x[j]) * float(v[j]));
-}
-
-// bfloat16 widened by a shift; the product rounded to nearest even with NaN kept NaN, exactly
-// as c10::BFloat16's conversion does.
-__attribute__((target("avx2"))) void scale_row_bf16_avx2(c10::BFloat16* y,
-                                                         const c10::BFloat16* x,
-                                                         const c10::BFloat16* v, int64_t n) {
-  const __m256i bias = _mm256_set1_epi32(0x7fff), one = _mm256_set1_epi32(1);
-  const __m256i abs_mask = _mm256_set1_epi32(0x7fffffff), inf = _mm256_set1_epi32(0x7f800000);
-  const __m256i qnan = _mm256_set1_epi32(0x7fc0);
-  int64_t j = 0;
-  for (; j + 8 <= n; j += 8) {
-    const __m256i xa = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(x + j)));
-    const __m256i va = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(v + j)));
-    const __m256 p = _mm256_mul_ps(_mm256_castsi256_ps(_mm256_slli_epi32(xa, 16)),
-                                   _mm256_castsi256_ps(_mm256_slli_epi32(va, 16)));
-    const __m256i u = _mm256_castps_si256(p);
-    __m256i r = _mm256_srli_epi32(
-        _mm256_add_epi32(_mm256_add_epi32(u, bias), _mm256_and_si256(_mm256_srli_epi32(u, 16), one)), 16);
-    const __m256i is_nan = _mm256_cmpgt_epi32(_mm256_and_si256(u, abs_mask), inf);
-    r = _mm256_blendv_epi8(r, qnan, is_nan);
-    const __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(r, r), 0x08);
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(y + j), _mm256_castsi256_si128(packed));
-  }
-  for (; j < n; ++j) y[j] = static_cast<c10::BFloat16>(float(x[j]) * float(v[j]));
-}
-
-const bool kHasAvx2 = __builtin_cpu_supports("avx2");
-const bool kHasF16c = kHasAvx2 && __builtin_cpu_supports("f16c");
-
-// The half types: the SIMD path when the CPU has it, else the scalar loop.
-template <typename T>
-void scale_row_half(bool simd, void (*simd_row)(T*, const T*, const T*, int64_t), T* y,
-                    const T* x, const T* v, int64_t n) {
-  if (simd) {
-    simd_row(y, x, v, n);
-    return;
-  }
-  for (int64_t j = 0; j < n; ++j) y[j] = static_cast<T>(float(x[j]) * float(v[j]));
-}
-
-template <>
-void scale_row(c10::BFloat16* __restrict__ y, const c10::BFloat16* __restrict__ x,
-               const c10::BFloat16* __restrict__ v, int64_t n) {
-  scale_row_half<c10::BFloat16>(kHasAvx2, scale_row_bf16_avx2, y, x, v, n);
-}
-
-template <>
-void scale_row(c10::Half* __restrict__ y, const c10::Half* __restrict__ x,
-               const c10::Half* __restrict__ v, int64_t n) {
-  scale_row_half<c10::Half>(kHasF16c, scale_row_f16c, y, x, v, n);
-}
-#endif
 
 Tensor ids_long(const Tensor& ids) { return ids.to(at::kLong).contiguous(); }
 
@@ -194,11 +105,11 @@ std::tuple<Tensor, Tensor, Tensor> rational_backward_cpu(const Tensor& grad_in, 
 
 Tensor generate_cpu(const Tensor& pooled_in, const Tensor& adapter_ids, const Tensor& w_down_in,
                     const Tensor& b_down_in, const Tensor& rat_num_in, const Tensor& rat_den_in,
-                    const Tensor& w_up_in, const Tensor& b_up_in) {
+                    const Tensor& w_up_in, const Tensor& b_up_in, bool check_ids) {
   const char* op = "pedro_ext.generate";
   const GenerateSizes s = check_generate_args(op, pooled_in, adapter_ids, w_down_in, b_down_in,
                                               rat_num_in, rat_den_in, w_up_in, b_up_in);
-  check_index_range(op, "adapter_ids", adapter_ids, -1, s.N);
+  if (check_ids) check_index_ranges(op, {{"adapter_ids", &adapter_ids, -1, s.N}});
   const Tensor ids = ids_long(adapter_ids);
   const Tensor pooled = pooled_in.contiguous(), w_down = w_down_in.contiguous(),
                b_down = b_down_in.contiguous(), rat_num = rat_num_in.contiguous(),
@@ -216,12 +127,17 @@ Tensor generate_cpu(const Tensor& pooled_in, const Tensor& adapter_ids, const Te
     const scalar_t* wup = w_up.data_ptr<scalar_t>();
     const scalar_t* bup = b_up.data_ptr<scalar_t>();
     scalar_t* op_ = out.data_ptr<scalar_t>();
-    at::parallel_for(0, s.B, 1, [&](int64_t b0, int64_t b1) {
+    const int64_t grain = grain_for(s.r * (s.d + s.D + s.num_len + s.den_len) + s.D);
+    at::parallel_for(0, s.B, grain, [&](int64_t b0, int64_t b1) {
       std::vector<acc_t> z(s.r), acc(s.D);
       for (int64_t b = b0; b < b1; ++b) {
         scalar_t* orow = op_ + b * s.D;
         const int64_t a = idp[b];
-        if (a < 0) {
+        if (a < -1 || a >= s.N) {
+          std::fill(orow, orow + s.D, std::numeric_limits<scalar_t>::quiet_NaN());
+          continue;
+        }
+        if (a == -1) {
           std::fill(orow, orow + s.D, scalar_t(1));
           continue;
         }
@@ -250,9 +166,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> generate_back
   const char* op = "pedro_ext.generate_backward";
   const GenerateSizes s = check_generate_args(op, pooled_in, adapter_ids, w_down_in, b_down_in,
                                               rat_num_in, rat_den_in, w_up_in, std::nullopt);
-  TORCH_CHECK_VALUE(grad_in.dim() == 2 && grad_in.size(0) == s.B && grad_in.size(1) == s.D, op,
-                    ": grad must be [B, D] = [", s.B, ", ", s.D, "], got shape ", grad_in.sizes());
-  check_index_range(op, "adapter_ids", adapter_ids, -1, s.N);
+  check_generate_grad(op, grad_in, pooled_in, s);
   const Tensor ids = ids_long(adapter_ids);
   const Tensor grad = grad_in.to(pooled_in.scalar_type()).contiguous();
   const Tensor pooled = pooled_in.contiguous(), w_down = w_down_in.contiguous(),
@@ -277,12 +191,13 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> generate_back
     const scalar_t* np = rat_num.data_ptr<scalar_t>();
     const scalar_t* dp = rat_den.data_ptr<scalar_t>();
     const scalar_t* wup = w_up.data_ptr<scalar_t>();
-    at::parallel_for(0, s.B, 1, [&](int64_t b0, int64_t b1) {
+    const int64_t grain = grain_for(s.r * (s.d + 2 * s.D) + s.d);
+    at::parallel_for(0, s.B, grain, [&](int64_t b0, int64_t b1) {
       std::vector<acc_t> z(s.r);
       for (int64_t b = b0; b < b1; ++b) {
         scalar_t* gprow = g_pooled.data_ptr<scalar_t>() + b * s.d;
         const int64_t a = idp[b];
-        if (a < 0) {
+        if (a < 0 || a >= s.N) {  // no adapter, or an invalid id (a constant NaN vector)
           std::fill(gprow, gprow + s.d, scalar_t(0));
           continue;
         }
@@ -314,7 +229,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> generate_back
     });
     const int64_t* order = order_t.data_ptr<int64_t>();
     const int64_t* starts = starts_t.data_ptr<int64_t>();
-    at::parallel_for(0, s.N, 1, [&](int64_t n0, int64_t n1) {
+    const int64_t requests_per_adapter = s.B / std::max<int64_t>(1, s.N) + 1;
+    const int64_t adapter_grain = grain_for(requests_per_adapter * (s.r * (s.d + s.D) + s.D));
+    at::parallel_for(0, s.N, adapter_grain, [&](int64_t n0, int64_t n1) {
       std::vector<acc_t> awu(s.r * s.D), abu(s.D), awd(s.d * s.r), abd(s.r), ac(nc);
       for (int64_t n = n0; n < n1; ++n) {
         std::fill(awu.begin(), awu.end(), acc_t(0));
@@ -358,87 +275,27 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> generate_back
   return {g_pooled, g_wd, g_bd, g_num, g_den, g_wu, g_bu};
 }
 
-Tensor modulate_cpu(const Tensor& x_in, const Tensor& vectors_in,
-                    const std::optional<Tensor>& seq_ids) {
-  const char* op = "pedro_ext.modulate";
-  const ModulateSizes s = check_modulate_args(op, x_in, vectors_in, seq_ids);
-  Tensor ids;
-  if (seq_ids.has_value()) {
-    check_index_range(op, "seq_ids", *seq_ids, 0, s.B);
-    ids = ids_long(*seq_ids);
-  }
-  const Tensor x = x_in.contiguous();
-  const Tensor v = vectors_in.stride(1) == 1 ? vectors_in : vectors_in.contiguous();
-  Tensor y = at::empty_like(x);
-  if (s.S == 0 || s.D == 0) return y;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "modulate_cpu", [&] {
-    const scalar_t* xp = x.data_ptr<scalar_t>();
-    const scalar_t* vp = v.data_ptr<scalar_t>();
-    scalar_t* yp = y.data_ptr<scalar_t>();
-    const int64_t* idp = ids.defined() ? ids.data_ptr<int64_t>() : nullptr;
-    const int64_t vs = v.stride(0);
-    const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(1, s.D));
-    at::parallel_for(0, s.S, grain, [&](int64_t r0, int64_t r1) {
-      for (int64_t row = r0; row < r1; ++row) {
-        const int64_t b = idp ? idp[row] : row / s.T;
-        scale_row(yp + row * s.D, xp + row * s.D, vp + b * vs, s.D);
-      }
-    });
-  });
-  return y;
-}
-
-Tensor modulate_backward_vectors_cpu(const Tensor& grad_in, const Tensor& x_in,
-                                     const std::optional<Tensor>& seq_ids, int64_t num_seqs) {
-  const char* op = "pedro_ext.modulate_backward_vectors";
-  check_same_shape(op, "grad", grad_in, x_in, "x");
-  TORCH_CHECK_VALUE(num_seqs >= 0, op, ": num_seqs must be >= 0, got ", num_seqs);
-  const ModulateSizes s = check_modulate_layout(op, x_in, num_seqs, x_in.size(-1), seq_ids);
-  Tensor order_t, starts_t;
-  if (seq_ids.has_value()) {
-    check_index_range(op, "seq_ids", *seq_ids, 0, s.B);
-    std::tie(order_t, starts_t) = group_rows(*seq_ids, s.B);
-  }
-  const Tensor x = x_in.contiguous(), grad = grad_in.contiguous();
-  Tensor out = at::empty({s.B, s.D}, x.options());
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "modulate_bwd_cpu", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    const scalar_t* xp = x.data_ptr<scalar_t>();
-    const scalar_t* gp = grad.data_ptr<scalar_t>();
-    scalar_t* op_ = out.data_ptr<scalar_t>();
-    const int64_t* order = order_t.defined() ? order_t.data_ptr<int64_t>() : nullptr;
-    const int64_t* starts = starts_t.defined() ? starts_t.data_ptr<int64_t>() : nullptr;
-    at::parallel_for(0, s.B, 1, [&](int64_t b0, int64_t b1) {
-      std::vector<acc_t> acc(s.D);
-      for (int64_t b = b0; b < b1; ++b) {
-        std::fill(acc.begin(), acc.end(), acc_t(0));
-        const int64_t q0 = order ? starts[b] : 0, q1 = order ? starts[b + 1] : s.T;
-        for (int64_t q = q0; q < q1; ++q) {
-          const int64_t row = order ? order[q] : b * s.T + q;
-          const scalar_t* xr = xp + row * s.D;
-          const scalar_t* gr = gp + row * s.D;
-          for (int64_t j = 0; j < s.D; ++j)
-            acc[j] += static_cast<acc_t>(gr[j]) * static_cast<acc_t>(xr[j]);
-        }
-        for (int64_t j = 0; j < s.D; ++j) op_[b * s.D + j] = static_cast<scalar_t>(acc[j]);
-      }
-    });
-  });
-  return out;
-}
-
 std::tuple<Tensor, Tensor> generate_and_modulate_cpu(
     const Tensor& x, const std::optional<Tensor>& seq_ids, const Tensor& pooled,
     const Tensor& adapter_ids, const Tensor& w_down, const Tensor& b_down, const Tensor& rat_num,
-    const Tensor& rat_den, const Tensor& w_up, const Tensor& b_up) {
+    const Tensor& rat_den, const Tensor& w_up, const Tensor& b_up, bool check_ids) {
   // On the CPU there is no launch to save: compose the two kernels.
   const char* op = "pedro_ext.generate_and_modulate";
   const GenerateSizes s = check_generate_args(op, pooled, adapter_ids, w_down, b_down, rat_num,
                                               rat_den, w_up, b_up);
   check_like(op, "x", x, pooled, "pooled");
-  check_modulate_layout(op, x, s.B, s.D, seq_ids);
-  Tensor vectors = generate_cpu(pooled, adapter_ids, w_down, b_down, rat_num, rat_den, w_up, b_up);
-  return {modulate_cpu(x, vectors, seq_ids), vectors};
+  check_modulate_layout(op, x, s.B, s.D, seq_ids, "x", "the number of sequences B (pooled.size(0))",
+                        "the vector width D (w_up.size(2))");
+  if (check_ids) {
+    if (seq_ids.has_value()) {
+      check_index_ranges(op, {{"adapter_ids", &adapter_ids, -1, s.N}, {"seq_ids", &*seq_ids, 0, s.B}});
+    } else {
+      check_index_ranges(op, {{"adapter_ids", &adapter_ids, -1, s.N}});
+    }
+  }
+  Tensor vectors = generate_cpu(pooled, adapter_ids, w_down, b_down, rat_num, rat_den, w_up, b_up,
+                                /*check_ids=*/false);
+  return {modulate_cpu(x, vectors, seq_ids, /*check_ids=*/false), vectors};
 }
 
 TORCH_LIBRARY_IMPL(pedro_ext, CPU, m) {
@@ -446,8 +303,6 @@ TORCH_LIBRARY_IMPL(pedro_ext, CPU, m) {
   m.impl("rational_backward", &rational_backward_cpu);
   m.impl("generate", &generate_cpu);
   m.impl("generate_backward", &generate_backward_cpu);
-  m.impl("modulate", &modulate_cpu);
-  m.impl("modulate_backward_vectors", &modulate_backward_vectors_cpu);
   m.impl("generate_and_modulate", &generate_and_modulate_cpu);
 }
 

@@ -1,4 +1,6 @@
-// The gated-MLP activations of act_mul_modulate, written once for the CPU and CUDA kernels.
+// The gated-MLP activations of act_mul_modulate's backward, written once for the CPU and CUDA
+// kernels (the forward evaluates act exactly as eager torch does on its device instead, so that
+// vectors of ones reproduce the bare MLP bitwise; gradients need no bitwise identity).
 // Both have the form act(g) = g * sigmoid(s(g)):
 //   silu:       s(g) = g
 //   gelu_tanh:  0.5 g (1 + tanh(u)) = g sigmoid(2u),  u = sqrt(2/pi) (g + 0.044715 g^3)

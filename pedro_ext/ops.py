@@ -101,10 +101,17 @@ def act_mul_modulate(gate: Tensor, up: Tensor, vectors: Tensor, seq_ids: Optiona
         padded: gate, up [B, T, D], vectors [B, D]     -> act(gate) * up * vectors[:, None, :]
         packed: gate, up [S, D], seq_ids [S] in [0, B) -> act(gate) * up * vectors[seq_ids]
         a row whose seq id is outside [0, B) (only with check_ids=False) -> nan, no gradient
-    Computed in fp32 (fp64 for float64) and rounded once. This is PEDRO's FFN-up scaling
-    (scaling up_proj's output) applied where the MLP already touches the tensor:
-    down_proj(act_mul_modulate(gate_proj(x), up_proj(x), l_u)). vectors may be a column slice;
-    gate and up may have evenly strided rows (e.g. halves of a fused gate_up projection).
+    Rounding: every operation in fp32 (fp64 for float64), round_T rounds to the inputs' dtype T
+        y = round_T(round_T(round_T(act(gate)) * up) * v)    for T = float16, bfloat16
+        y = (act(gate) * up) * v                             for T = float32, float64
+    where act(gate) is bitwise what eager F.silu / F.gelu(approximate="tanh") return on gate's
+    device (CPU: torch's own kernel; CUDA: torch's formulas). So with vectors of ones the result
+    is bitwise eager torch's act(gate) * up: a fresh adapter leaves the MLP exactly unchanged.
+    The backward computes in fp32 (fp64) without the intermediate roundings.
+    This is PEDRO's FFN-up scaling (scaling up_proj's output) applied where the MLP already
+    touches the tensor: down_proj(act_mul_modulate(gate_proj(x), up_proj(x), l_u)). vectors
+    may be a column slice; gate and up may have evenly strided rows (e.g. halves of a fused
+    gate_up projection).
     Gradients reach gate, up and vectors; a request's vector gradient sums its rows in a fixed
     order (bitwise reproducible).
     """

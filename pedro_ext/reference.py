@@ -1,6 +1,7 @@
 """Pure-PyTorch PEDRO ops, written for clarity: the independent reference the kernels are
 tested against. Differentiable with ordinary autograd. Computes in float32 (float64 for
-float64 inputs) and rounds once to the input dtype, like the kernels. Invalid ids follow the
+float64 inputs) and rounds once to the input dtype, like the kernels (act_mul_modulate: like
+eager torch, see there). Invalid ids follow the
 kernels' rule (see pedro_ext.ops): the output they select is a constant NaN (torch.where, so
 no gradient flows through it).
 """
@@ -85,10 +86,10 @@ def activation_fn(name: str):
 
 
 def act_mul_modulate(gate, up, vectors, seq_ids=None, activation="silu") -> torch.Tensor:
-    acc = _acc_dtype(gate.dtype)
+    """(act(gate) * up) * vectors[row] with eager torch's ops in the inputs' dtype: for half types
+    act and each product are rounded to the dtype, like the bare MLP's act(gate) * up."""
     per_row, valid = _rows_of(gate, vectors, seq_ids)
-    out = activation_fn(activation)(gate.to(acc)) * up.to(acc) * per_row.to(acc)
-    return _where_valid(out, valid).to(gate.dtype)
+    return _where_valid(activation_fn(activation)(gate) * up * per_row, valid)
 
 
 def generate_and_modulate(x, seq_ids, pooled, adapter_ids, w_down, b_down, rat_num, rat_den,

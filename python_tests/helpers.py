@@ -41,3 +41,27 @@ def random_ids(batch, n, seed=0, none_fraction=0.25, dtype=torch.int64, device="
     none = torch.rand(batch, generator=g) < none_fraction
     ids[none] = -1
     return ids.to(dtype=dtype, device=device)
+
+
+def act_mul_layouts(dtype, device, d=1031, seed=0):
+    """(layout, gate, up, seq_ids, B) in the layouts act_mul_modulate takes from a model: padded,
+    the two halves of one fused gate_up projection, and packed rows."""
+    g = torch.Generator().manual_seed(seed)
+
+    def rnd(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=g) * scale).to(dtype=dtype, device=device)
+
+    b, t, s = 3, 5, 13
+    yield "padded", rnd(b, t, d, scale=4.0), rnd(b, t, d), None, b
+    gate_up = rnd(b, t, 2 * d, scale=4.0)
+    yield "fused_gate_up", gate_up[..., :d], gate_up[..., d:], None, b
+    seq = torch.randint(0, b, (s,), generator=g).to(device)
+    yield "packed", rnd(s, d, scale=4.0), rnd(s, d), seq, b
+
+
+def assert_bitwise(actual, expected, what=""):
+    """Same dtype, shape and bits (NaN payloads and the sign of zero included)."""
+    assert actual.dtype == expected.dtype and actual.shape == expected.shape, what
+    bits = {2: torch.int16, 4: torch.int32, 8: torch.int64}[actual.element_size()]
+    a, e = actual.contiguous().view(bits), expected.contiguous().view(bits)
+    assert torch.equal(a, e), f"{what}: {(a != e).sum().item()} of {a.numel()} elements differ"

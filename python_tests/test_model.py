@@ -16,9 +16,10 @@ def prompts(batch=3, length=7, seed=0):
     return torch.randint(3, 97, (batch, length), generator=g)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("arch", ARCHS)
-def test_fresh_adapter_is_exactly_the_base_model(arch):
-    model = tiny_model(arch)
+def test_fresh_adapter_is_exactly_the_base_model(arch, dtype):
+    model = tiny_model(arch).to(dtype)
     ids = prompts()
     with torch.no_grad():
         base = model(ids).logits
@@ -48,7 +49,7 @@ def test_mixed_batch_equals_each_row_alone(arch):
             torch.testing.assert_close(mixed[row:row + 1], alone, rtol=1e-5, atol=1e-5)
         with pedro.disable_adapter():
             base = pedro(ids).logits
-    torch.testing.assert_close(mixed[1], base[1], rtol=1e-5, atol=1e-5)
+    assert torch.equal(mixed[[1, 4]], base[[1, 4]]), "base-model rows must be the bare model's"
     assert (mixed[0] - base[0]).abs().max() > 1e-3, "the adapter should change the output"
 
 

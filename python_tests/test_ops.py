@@ -8,7 +8,7 @@ from pedro_ext import reference as ref
 from pedro_ext.activations import GELU_DEN, GELU_NUM, gelu
 
 from conftest import assert_close
-from helpers import bank_args, make_bank, random_ids
+from helpers import act_mul_layouts, assert_bitwise, bank_args, make_bank, random_ids
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
 
@@ -631,6 +631,23 @@ def test_act_mul_modulate_matches_reference(dtype, layout, activation):
     assert_close(out, exp, dtype, "act_mul_modulate")
     for name, a, e in zip(["gate", "up", "vectors"], grads, exp_grads):
         assert_close(a, e, dtype, f"grad {name}")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("activation", ["silu", "gelu_tanh"])
+def test_act_mul_modulate_is_eager_torch_bitwise(dtype, activation):
+    """Vectors of ones give the bare MLP's act(gate) * up exactly (a fresh adapter and base-model
+    rows change nothing); other vectors give eager torch's (act(gate) * up) * v."""
+    act = ref.activation_fn(activation)
+    for layout, gate, up, seq, b in act_mul_layouts(dtype, "cpu"):
+        d = gate.shape[-1]
+        ones = torch.ones(b, d, dtype=dtype)
+        assert_bitwise(pedro_ext.act_mul_modulate(gate, up, ones, seq, activation), act(gate) * up,
+                       f"{layout}, ones")
+        v = (torch.randn(b, d + 3) * 0.5 + 1).to(dtype)[:, 1:1 + d]
+        rows = v[:, None] if seq is None else v[seq]
+        assert_bitwise(pedro_ext.act_mul_modulate(gate, up, v, seq, activation),
+                       act(gate) * up * rows, f"{layout}, random vectors")
 
 
 def test_act_mul_modulate_equals_the_unfused_path_in_float64():

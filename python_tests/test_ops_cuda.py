@@ -11,7 +11,7 @@ import pedro_ext
 from pedro_ext import reference as ref
 
 from conftest import assert_close, requires_cuda
-from helpers import bank_args, make_bank, random_ids
+from helpers import act_mul_layouts, assert_bitwise, bank_args, make_bank, random_ids
 
 pytestmark = requires_cuda
 
@@ -194,6 +194,23 @@ def test_act_mul_modulate_cuda(dtype, layout, activation):
         lambda g, u, w: pedro_ext.act_mul_modulate(g, u, w, seq, activation),
         lambda g, u, w: ref.act_mul_modulate(g, u, w, seq_cpu, activation),
         bases, views, [torch.randn(shape, device=dev).to(dtype)], dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("activation", ["silu", "gelu_tanh"])
+def test_act_mul_modulate_cuda_is_eager_torch_bitwise(dtype, activation):
+    """As the CPU test: vectors of ones give torch's CUDA act(gate) * up exactly, other vectors
+    eager torch's (act(gate) * up) * v."""
+    act = ref.activation_fn(activation)
+    for layout, gate, up, seq, b in act_mul_layouts(dtype, "cuda"):
+        d = gate.shape[-1]
+        ones = torch.ones(b, d, dtype=dtype, device="cuda")
+        assert_bitwise(pedro_ext.act_mul_modulate(gate, up, ones, seq, activation), act(gate) * up,
+                       f"{layout}, ones")
+        v = (torch.randn(b, d + 3, device="cuda") * 0.5 + 1).to(dtype)[:, 1:1 + d]
+        rows = v[:, None] if seq is None else v[seq]
+        assert_bitwise(pedro_ext.act_mul_modulate(gate, up, v, seq, activation),
+                       act(gate) * up * rows, f"{layout}, random vectors")
 
 
 # ----------------------------------------------------------------------- fused prefill

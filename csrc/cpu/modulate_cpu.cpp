@@ -1,5 +1,5 @@
 // CPU kernels of the per-token ops: modulate (and its in-place form and backward) and the fused
-// gated-MLP act_mul_modulate. at::parallel_for over rows; products in fp32 (fp64 for double),
+// gated-MLP act_mul_modulate. at::parallel_for over rows; each product in fp32 (fp64 for double),
 // rounded once. Reductions over a request's rows run in a fixed order, so results do not depend
 // on the number of threads. Rows with an invalid seq id follow the rule in pedro.h.
 #include <ATen/OpMathType.h>
@@ -7,7 +7,6 @@
 #include <ATen/MemoryOverlap.h>
 #include <torch/library.h>
 
-#include <cstring>
 #include <limits>
 #include <type_traits>
 #include <vector>
@@ -108,99 +107,7 @@ void scale_row(c10::Half* y, const c10::Half* x, const c10::Half* __restrict__ v
   scale_row_half<c10::Half>(kHasF16c, scale_row_f16c, y, x, v, n);
 }
 
-const bool kHasAvx2Fma = kHasAvx2 && __builtin_cpu_supports("fma");
-
-// exp of 8 floats (torch's own vectorised exp is out of an extension's reach): clamp to
-// [-87.3, 88.3] (keeps 2^n a normal float), x = n ln2 + t with n = round(x log2 e) read off the
-// mantissa of x log2 e + 1.5 * 2^23, Cephes' degree-6 polynomial for e^t on |t| <= ln2 / 2,
-// 2^n built in the exponent bits. Relative error < 1e-7; NaN stays NaN.
-__attribute__((target("avx2,fma"))) __m256 exp_avx2(__m256 x) {
-  const __m256 shift = _mm256_set1_ps(12582912.f);
-  const __m256 is_nan = _mm256_cmp_ps(x, x, _CMP_UNORD_Q);
-  __m256 xc = _mm256_max_ps(x, _mm256_set1_ps(-87.3f));  // NaN -> -87.3, put back below
-  xc = _mm256_min_ps(xc, _mm256_set1_ps(88.3f));
-  const __m256 shifted = _mm256_fmadd_ps(xc, _mm256_set1_ps(1.44269504088896341f), shift);
-  const __m256 nf = _mm256_sub_ps(shifted, shift);
-  __m256 t = _mm256_fnmadd_ps(nf, _mm256_set1_ps(0.693359375f), xc);
-  t = _mm256_fnmadd_ps(nf, _mm256_set1_ps(-2.12194440e-4f), t);
-  __m256 p = _mm256_set1_ps(1.9875691500e-4f);
-  p = _mm256_fmadd_ps(p, t, _mm256_set1_ps(1.3981999507e-3f));
-  p = _mm256_fmadd_ps(p, t, _mm256_set1_ps(8.3334519073e-3f));
-  p = _mm256_fmadd_ps(p, t, _mm256_set1_ps(4.1665795894e-2f));
-  p = _mm256_fmadd_ps(p, t, _mm256_set1_ps(1.6666665459e-1f));
-  p = _mm256_fmadd_ps(p, t, _mm256_set1_ps(5.0000001201e-1f));
-  p = _mm256_fmadd_ps(_mm256_mul_ps(p, t), t, _mm256_add_ps(t, _mm256_set1_ps(1.f)));
-  const __m256i n = _mm256_sub_epi32(
-      _mm256_and_si256(_mm256_castps_si256(shifted), _mm256_set1_epi32(0x7fffff)),
-      _mm256_set1_epi32(0x400000));
-  const __m256 scale =
-      _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(n, _mm256_set1_epi32(127)), 23));
-  return _mm256_blendv_ps(_mm256_mul_ps(p, scale), x, is_nan);
-}
-
-// y = act(g) * u * v, 8 floats at a time, act(g) = g / (1 + exp(-s(g))) (see activations.h);
-// the tail in scalar code.
-template <Activation A>
-__attribute__((target("avx2,fma"))) void act_mul_f32_avx2(float* y, const float* g,
-                                                          const float* u, const float* v,
-                                                          int64_t n) {
-  const __m256 one = _mm256_set1_ps(1.f);
-  int64_t j = 0;
-  for (; j + 8 <= n; j += 8) {
-    const __m256 gv = _mm256_loadu_ps(g + j);
-    __m256 s = gv;
-    if constexpr (A == Activation::kGeluTanh) {
-      const __m256 g3 = _mm256_mul_ps(_mm256_mul_ps(gv, gv), gv);
-      s = _mm256_mul_ps(_mm256_set1_ps(1.5957691216057308f),
-                        _mm256_fmadd_ps(_mm256_set1_ps(0.044715f), g3, gv));
-    }
-    const __m256 e = exp_avx2(_mm256_sub_ps(_mm256_setzero_ps(), s));
-    const __m256 act = _mm256_div_ps(gv, _mm256_add_ps(one, e));
-    _mm256_storeu_ps(y + j, _mm256_mul_ps(_mm256_mul_ps(act, _mm256_loadu_ps(u + j)),
-                                          _mm256_loadu_ps(v + j)));
-  }
-  for (; j < n; ++j) y[j] = act_value<A>(g[j]) * u[j] * v[j];
-}
 #endif
-
-// y = act(g) * u * v for float rows: the AVX2 path when the CPU has it, else scalar.
-template <Activation A>
-void act_mul_f32(float* y, const float* g, const float* u, const float* v, int64_t n) {
-#ifdef PEDRO_X86_CLONES
-  if (kHasAvx2Fma) {
-    act_mul_f32_avx2<A>(y, g, u, v, n);
-    return;
-  }
-#endif
-  for (int64_t j = 0; j < n; ++j) y[j] = act_value<A>(g[j]) * u[j] * v[j];
-}
-
-constexpr int64_t kActChunk = 256;
-
-// y[0:n] = act(g) * u * v in the accumulation type, rounded once to T. Half types are widened
-// a chunk at a time; double uses std::exp.
-template <Activation A, typename T>
-void act_mul_row(T* y, const T* g, const T* u, const T* v, int64_t n) {
-  using acc_t = at::opmath_type<T>;
-  if constexpr (std::is_same_v<T, double>) {
-    for (int64_t j = 0; j < n; ++j) y[j] = act_value<A>(g[j]) * u[j] * v[j];
-  } else if constexpr (std::is_same_v<T, float>) {
-    act_mul_f32<A>(y, g, u, v, n);
-  } else {
-    static_assert(std::is_same_v<acc_t, float>);
-    float gs[kActChunk], us[kActChunk], vs[kActChunk], ys[kActChunk];
-    for (int64_t j0 = 0; j0 < n; j0 += kActChunk) {
-      const int64_t m = std::min(kActChunk, n - j0);
-      for (int64_t j = 0; j < m; ++j) {
-        gs[j] = static_cast<float>(g[j0 + j]);
-        us[j] = static_cast<float>(u[j0 + j]);
-        vs[j] = static_cast<float>(v[j0 + j]);
-      }
-      act_mul_f32<A>(ys, gs, us, vs, m);
-      for (int64_t j = 0; j < m; ++j) y[j0 + j] = static_cast<T>(ys[j]);
-    }
-  }
-}
 
 Tensor ids_long(const Tensor& ids) { return ids.to(at::kLong).contiguous(); }
 
@@ -360,29 +267,35 @@ Tensor act_mul_modulate_cpu(const Tensor& gate_in, const Tensor& up_in, const Te
     if (check_ids) check_index_ranges(op, {{"seq_ids", &*seq_ids, 0, s.B}});
     seq = ids_long(*seq_ids);
   }
-  const Tensor gate = rows_view(gate_in), up = rows_view(up_in);
+  const Tensor up = rows_view(up_in);
   const Tensor v = last_dim_contiguous(vectors);
   Tensor y = at::empty(gate_in.sizes(), gate_in.options());
   if (s.S == 0 || s.D == 0) return y;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, gate.scalar_type(), "act_mul_cpu", [&] {
-    const scalar_t* gp = gate.data_ptr<scalar_t>();
+  // torch's own activation kernel (its vectorised exp / tanh), so that act(gate) is bitwise what
+  // eager F.silu / F.gelu(approximate="tanh") return; then one pass scales it, as the bare MLP's
+  // one multiplication pass would, rounding to T after each product like eager torch.
+  if (act == Activation::kSilu) {
+    at::silu_out(y, gate_in);
+  } else {
+    at::gelu_out(y, gate_in, "tanh");
+  }
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, y.scalar_type(), "act_mul_cpu", [&] {
     const scalar_t* up_p = up.data_ptr<scalar_t>();
     const scalar_t* vp = v.data_ptr<scalar_t>();
     scalar_t* yp = y.data_ptr<scalar_t>();
-    const int64_t gs = row_stride(gate), us = row_stride(up), vs = v.stride(0);
+    const int64_t us = row_stride(up), vs = v.stride(0);
     const int64_t* sp = seq.defined() ? seq.data_ptr<int64_t>() : nullptr;
-    dispatch_activation(act, [&](auto a) {
-      at::parallel_for(0, s.S, grain_for(s.D), [&](int64_t r0, int64_t r1) {
-        for (int64_t row = r0; row < r1; ++row) {
-          const int64_t b = request_of(sp, row, s);
-          scalar_t* yr = yp + row * s.D;
-          if (b < 0) {
-            std::fill(yr, yr + s.D, std::numeric_limits<scalar_t>::quiet_NaN());
-          } else {
-            act_mul_row<decltype(a)::value>(yr, gp + row * gs, up_p + row * us, vp + b * vs, s.D);
-          }
+    at::parallel_for(0, s.S, grain_for(s.D), [&](int64_t r0, int64_t r1) {
+      for (int64_t row = r0; row < r1; ++row) {
+        const int64_t b = request_of(sp, row, s);
+        scalar_t* yr = yp + row * s.D;
+        if (b < 0) {
+          std::fill(yr, yr + s.D, std::numeric_limits<scalar_t>::quiet_NaN());
+        } else {  // the row is still in cache for the second product
+          scale_row(yr, yr, up_p + row * us, s.D);
+          scale_row(yr, yr, vp + b * vs, s.D);
         }
-      });
+      }
     });
   });
   return y;

@@ -4,6 +4,7 @@
 //   backward:  elementwise kernels for the inputs; the per-request vector gradient is a fixed-
 //              order reduction (see request_sum_kernel), so it is bitwise reproducible on any GPU
 #include <ATen/MemoryOverlap.h>
+#include <c10/cuda/CUDAMathCompat.h>
 #include <torch/library.h>
 
 #include <type_traits>
@@ -15,7 +16,24 @@ namespace pedro_ext {
 namespace cuda_kernels {
 namespace {
 
-// y = act(g) * u * v over one span, as scale_span (y is a fresh output here).
+// act(g) with the very expressions of torch's eager CUDA kernels (ATen/native/cuda/
+// ActivationSiluKernel.cu and ActivationGeluKernel.cu, tanh case) in opmath, so nvcc emits the
+// same operations and act_mul_modulate with vectors of ones is bitwise F.silu(g) * u.
+template <Activation A, typename opmath_t>
+__device__ __forceinline__ opmath_t torch_act(opmath_t x) {
+  if constexpr (A == Activation::kSilu) {
+    return x / (opmath_t(1) + c10::cuda::compat::exp(-x));
+  } else {
+    constexpr opmath_t kBeta = M_SQRT2 * M_2_SQRTPI * opmath_t(0.5);
+    constexpr opmath_t kKappa = 0.044715;
+    const opmath_t x_cube = x * x * x;
+    const opmath_t inner = kBeta * (x + kKappa * x_cube);
+    return opmath_t(0.5) * x * (opmath_t(1) + c10::cuda::compat::tanh(inner));
+  }
+}
+
+// y = round(round(round(act(g)) * u) * v) over one span, rounding to T as eager torch's act and
+// two multiplications would (no-ops for float and double); as scale_span otherwise.
 template <Activation A, typename T>
 __device__ void act_mul_span(T* y, const T* g, const T* u, const T* v, int64_t n, int lane) {
   using P = Pack<T>;
@@ -25,7 +43,9 @@ __device__ void act_mul_span(T* y, const T* g, const T* u, const T* v, int64_t n
   const int64_t head = aligned_head<T>(
       n, ag, ag == misalignment(y) && ag == misalignment(u) && ag == misalignment(v));
   auto f = [](T gv, T uv, T vv) {
-    return static_cast<T>(act_value<A, acc_t>(to_acc(gv)) * to_acc(uv) * to_acc(vv));
+    const T act = static_cast<T>(torch_act<A, acc_t>(to_acc(gv)));
+    const T act_up = static_cast<T>(to_acc(act) * to_acc(uv));
+    return static_cast<T>(to_acc(act_up) * to_acc(vv));
   };
   for (int64_t j = lane; j < head; j += 32) y[j] = f(g[j], u[j], v[j]);
   const int64_t nvec = (n - head) / V;

@@ -9,9 +9,11 @@ import torch
 
 import pedro_ext
 from pedro_ext import reference as ref
+from pedro_ext.activations import GELU_DEN, GELU_NUM
 
 from conftest import assert_close, requires_cuda
-from helpers import act_mul_layouts, assert_bitwise, bank_args, make_bank, random_ids
+from helpers import (act_mul_layouts, assert_bitwise, bank_args, check_modulate_inplace_memory_rules,
+                     make_bank, random_ids)
 
 pytestmark = requires_cuda
 
@@ -163,9 +165,51 @@ def test_modulate_inplace_cuda_unevenly_strided_rows():
     assert torch.equal(x, expected)
 
 
+def test_modulate_inplace_cuda_memory_rules():
+    check_modulate_inplace_memory_rules("cuda")
+
+
+def _allocations(fn):
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_stats()["allocation.all.allocated"]
+    fn()
+    torch.cuda.synchronize()
+    return torch.cuda.memory_stats()["allocation.all.allocated"] - before
+
+
+def test_modulate_inplace_cuda_allocates_only_where_documented():
+    """modulate_'s docstring: nothing for evenly spaced rows, contiguous vector columns apart from
+    x, contiguous seq_ids and check_ids=False; temporaries otherwise."""
+    dev = "cuda"
+    v = torch.randn(4, 40, device=dev)[:, 3:35]  # a column slice: unit column stride
+    seq = torch.tensor([0, 3, 3, 1, 2, 0], device=dev)
+    padded, packed = torch.randn(4, 3, 32, device=dev), torch.randn(6, 50, device=dev)[:, 9:41]
+    fused = torch.randn(4, 3, 96, device=dev)[..., 32:64]
+    uneven = torch.randn(3, 4, 32, device=dev).transpose(0, 1)
+    strided_v = torch.randn(32, 4, device=dev).t()
+    none = {
+        "padded": lambda: pedro_ext.modulate_(padded, v, check_ids=False),
+        "strided rows": lambda: pedro_ext.modulate_(fused, v, check_ids=False),
+        "packed": lambda: pedro_ext.modulate_(packed, v, seq, check_ids=False),
+    }
+    some = {
+        "uneven rows": lambda: pedro_ext.modulate_(uneven, v, check_ids=False),
+        "vectors in x": lambda: pedro_ext.modulate_(padded, padded[:, 0], check_ids=False),
+        "strided vector columns": lambda: pedro_ext.modulate_(padded, strided_v, check_ids=False),
+        "id check": lambda: pedro_ext.modulate_(packed, v, seq),
+    }
+    for name, fn in {**none, **some}.items():
+        fn()  # warm-up
+    for name, fn in none.items():
+        assert _allocations(fn) == 0, name
+    for name, fn in some.items():
+        assert _allocations(fn) > 0, name
+
+
 # ----------------------------------------------------------------------- act_mul_modulate
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("layout", ["padded", "packed", "fused_gate_up", "misaligned"])
+@pytest.mark.parametrize("layout", ["padded", "packed", "fused_gate_up", "misaligned",
+                                    "odd_row_stride", "uneven_rows"])
 @pytest.mark.parametrize("activation", ["silu", "gelu_tanh"])
 def test_act_mul_modulate_cuda(dtype, layout, activation):
     b, t, big_d = 4, 9, 1031

@@ -3,7 +3,6 @@
 //              row's pointers share their alignment, scalar otherwise; rows may be strided
 //   backward:  elementwise kernels for the inputs; the per-request vector gradient is a fixed-
 //              order reduction (see request_sum_kernel), so it is bitwise reproducible on any GPU
-#include <ATen/MemoryOverlap.h>
 #include <c10/cuda/CUDAMathCompat.h>
 #include <torch/library.h>
 
@@ -320,13 +319,12 @@ Tensor modulate_backward_x_cuda(const Tensor& grad, const Tensor& vectors,
                                /*check_ids=*/false, 0.0);
 }
 
-void modulate_inplace_cuda(const Tensor& x, const Tensor& vectors,
+void modulate_inplace_cuda(const Tensor& x, const Tensor& vectors_in,
                            const std::optional<Tensor>& seq_ids, bool check_ids) {
   const char* op = "pedro_ext.modulate_";
-  const ModulateSizes s = check_modulate_args(op, x, vectors, seq_ids);
-  at::assert_no_internal_overlap(x);
-  at::assert_no_overlap(x, vectors);
+  const ModulateSizes s = check_modulate_args(op, x, vectors_in, seq_ids);
   c10::cuda::CUDAGuard guard(x.device());
+  const Tensor vectors = vectors_for_inplace(op, x, vectors_in);
   if (row_stride(x) < 0) {  // rows not evenly spaced: compute aside, then copy back
     x.copy_(modulate_cuda(x, vectors, seq_ids, check_ids));
     return;

@@ -446,6 +446,80 @@ def test_generate_backward_cuda_beyond_the_grid_y_limit():
         assert_close(a.grad, e.grad, torch.float32, "grad")
 
 
+def _against_reference_with_grads(fn, ref_fn, inputs, grad, dtype):
+    leaves = [t.clone().requires_grad_() for t in inputs]
+    out = fn(*leaves)
+    out.backward(grad)
+    ref_leaves = [t.detach().to("cpu", torch.float64, copy=True).requires_grad_() for t in inputs]
+    exp = ref_fn(*ref_leaves)
+    exp.backward(grad.double().cpu())
+    assert_close(out, exp, dtype, "output")
+    for i, (a, e) in enumerate(zip(leaves, ref_leaves)):
+        assert_close(a.grad, e.grad, dtype, f"grad {i}")
+
+
+def test_modulate_and_act_mul_cuda_grid_stride_wrap_around():
+    """(1, 8192, 4096) float32: more warp units than the grid has warps (the forward loops), more
+    elements than the backward's threads, 8192 rows in 64 shares for the vector gradient."""
+    b, t, big_d = 1, 8192, 4096
+    warps = torch.cuda.get_device_properties(0).multi_processor_count * 32 * 8
+    assert b * t * (big_d // 512) > warps, "the case no longer reaches the grid-stride loop"
+    x, up = torch.randn(b, t, big_d, device="cuda"), torch.randn(b, t, big_d, device="cuda")
+    v, grad = torch.randn(b, big_d, device="cuda"), torch.randn(b, t, big_d, device="cuda")
+    _against_reference_with_grads(pedro_ext.modulate, ref.modulate, [x, v], grad, torch.float32)
+    _against_reference_with_grads(lambda g, u, w: pedro_ext.act_mul_modulate(g, u, w),
+                                  lambda g, u, w: ref.act_mul_modulate(g, u, w), [x * 3, up, v], grad,
+                                  torch.float32)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("layout", ["aligned", "odd_row_stride"])
+def test_vector_grads_cuda_16_byte_path_and_row_splits(dtype, layout):
+    """The vector gradients of modulate and act_mul_modulate against the reference: 3 requests of
+    ~1000 packed rows (16 shares each); D = 1024 with every row 16-byte aligned (the 16-byte
+    loads), or rows 1025 elements apart (aligned base pointer, scalar loads)."""
+    s, b, big_d = 3000, 3, 1024
+    g = torch.Generator().manual_seed(13)
+    seq = torch.randint(0, b, (s,), generator=g).cuda()
+    pad = 0 if layout == "aligned" else 1
+
+    # the bases are the wide tensors, sliced after the helper clones them (a clone of a slice
+    # would be contiguous)
+    def wide(scale=1.0):
+        return (torch.randn(s, big_d + pad, device="cuda") * scale).to(dtype)
+
+    def cols(z):
+        return z[:, :big_d]
+
+    gate, up = wide(3.0), wide()
+    grad = torch.randn(s, big_d, device="cuda").to(dtype)
+    v = (torch.randn(b, big_d, device="cuda") * 0.5 + 1).to(dtype)
+    seq_cpu = seq.cpu()
+    _views_against_reference(lambda a, c: pedro_ext.modulate(a, c, seq),
+                             lambda a, c: ref.modulate(a, c, seq_cpu),
+                             [up, v], [cols, _same], [grad], dtype)
+    _views_against_reference(lambda a, u, c: pedro_ext.act_mul_modulate(a, u, c, seq, "gelu_tanh"),
+                             lambda a, u, c: ref.act_mul_modulate(a, u, c, seq_cpu, "gelu_tanh"),
+                             [gate, up, v], [cols, cols, _same], [grad], dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_vector_grads_cuda_beyond_the_grid_y_limit(dtype):
+    """D above 65535 tiles of 32 x 16 bytes (8.4M float32 / 4.2M float64 columns): the vector
+    gradient's blocks loop over column tiles, so every D the forward takes has a backward."""
+    tile = 32 * 16 // torch.empty((), dtype=dtype).element_size()
+    big_d = 65535 * tile + 300
+    x = torch.randn(2, 1, big_d, device="cuda", dtype=dtype)
+    v = torch.randn(2, big_d, device="cuda", dtype=dtype)
+    grad = torch.randn(2, 1, big_d, device="cuda", dtype=dtype)
+    _against_reference_with_grads(pedro_ext.modulate, ref.modulate, [x, v], grad, dtype)
+    del x
+    gate, up = torch.randn(1, 1, big_d, device="cuda", dtype=dtype), torch.randn(1, 1, big_d, device="cuda", dtype=dtype)
+    _against_reference_with_grads(lambda a, u, c: pedro_ext.act_mul_modulate(a, u, c),
+                                  lambda a, u, c: ref.act_mul_modulate(a, u, c),
+                                  [gate, up, v[:1]], grad[:1], dtype)
+
+
 # ----------------------------------------------------------------------- ids, syncs, devices
 def _assert_same_nan(a, e, dtype, what):
     a, e = a.detach().cpu(), e.detach().cpu()

@@ -97,25 +97,35 @@ def test_generate_cuda_with_w_up_sliced_on_device(dtype, offset):
 
 
 # ----------------------------------------------------------------------- modulate
-MOD_LAYOUTS = ["padded", "packed", "sliced", "sliced_aligned", "misaligned_x", "strided_x"]
+MOD_LAYOUTS = ["padded", "packed", "sliced", "sliced_aligned", "misaligned_x", "strided_x",
+               "odd_row_stride", "uneven_rows"]
+
+
+def _x_case(layout, b, t, big_d, dtype):
+    """(base, view) of a padded x [B, T, D] in one of the row layouts the kernels distinguish."""
+    dev = "cuda"
+    if layout == "misaligned_x":  # base pointer one element past a 16-byte boundary
+        x = torch.randn(b * t * big_d + 1, device=dev).to(dtype)
+        return x, lambda z: z[1:].view(b, t, big_d)
+    if layout == "strided_x":  # rows of a fused projection output
+        return torch.randn(b, t, big_d + 11, device=dev).to(dtype), lambda z: z[..., 5:5 + big_d]
+    if layout == "odd_row_stride":  # aligned base pointer; the odd row stride alone misaligns rows
+        pad = 1 + big_d % 2
+        return torch.randn(b, t, big_d + pad, device=dev).to(dtype), lambda z: z[..., :big_d]
+    if layout == "uneven_rows":  # [T, B, D] seen as [B, T, D]: no single row stride (a copy)
+        return torch.randn(t, b, big_d, device=dev).to(dtype), lambda z: z.transpose(0, 1)
+    return torch.randn(b, t, big_d, device=dev).to(dtype), _same
 
 
 def _modulate_case(layout, b, t, big_d, dtype):
     """(bases, views, seq_ids) for one layout; every tensor made on the device."""
     dev = "cuda"
     seq = None
-    x_view, v_view = _same, _same
     if layout == "packed":
         seq = torch.randint(0, b, (b * t,), device=dev)
-        x = torch.randn(b * t, big_d, device=dev).to(dtype)
-    elif layout == "misaligned_x":  # base pointer one element past a 16-byte boundary
-        x = torch.randn(b * t * big_d + 1, device=dev).to(dtype)
-        x_view = lambda z: z[1:].view(b, t, big_d)  # noqa: E731
-    elif layout == "strided_x":  # rows of a fused projection output
-        x = torch.randn(b, t, big_d + 11, device=dev).to(dtype)
-        x_view = lambda z: z[..., 5:5 + big_d]  # noqa: E731
+        x, x_view = torch.randn(b * t, big_d, device=dev).to(dtype), _same
     else:
-        x = torch.randn(b, t, big_d, device=dev).to(dtype)
+        x, x_view = _x_case(layout, b, t, big_d, dtype)
     v = torch.randn(b, big_d + 16, device=dev).to(dtype)
     if layout == "sliced":
         v_view = lambda z: z[:, 3:3 + big_d]  # noqa: E731
@@ -146,15 +156,14 @@ def test_modulate_inplace_cuda(dtype, layout):
     expected = pedro_ext.modulate(x_view(x), v_view(v), seq)
     exp_ref = ref.modulate(x_view(x).double().cpu(), v_view(v).double().cpu(),
                            None if seq is None else seq.cpu())
-    before = x.clone()
+    after = x.clone()
+    x_view(after).copy_(expected)  # x with the view's elements replaced, the rest untouched
     target = x_view(x)
     out = pedro_ext.modulate_(target, v_view(v), seq)
     assert out is target
     assert torch.equal(target, expected)
     assert_close(target, exp_ref, dtype, "modulate_")
-    if layout == "strided_x":  # the columns around the slice are untouched
-        assert torch.equal(x[..., :5], before[..., :5])
-        assert torch.equal(x[..., 5 + big_d:], before[..., 5 + big_d:])
+    assert torch.equal(x, after)
 
 
 def test_modulate_inplace_cuda_unevenly_strided_rows():
@@ -229,6 +238,9 @@ def test_act_mul_modulate_cuda(dtype, layout, activation):
         bases = [(torch.randn(b * t * big_d + 1, device=dev) * 3).to(dtype),
                  torch.randn(b * t * big_d + 2, device=dev).to(dtype), v]
         views[:2] = [lambda z: z[1:].view(b, t, big_d), lambda z: z[2:].view(b, t, big_d)]
+    elif layout in ("odd_row_stride", "uneven_rows"):
+        (gate, gv), (up, uv) = _x_case(layout, b, t, big_d, dtype), _x_case(layout, b, t, big_d, dtype)
+        bases, views[:2] = [gate * 3, up, v], [gv, uv]
     else:
         bases = [(torch.randn(b, t, big_d, device=dev) * 3).to(dtype), torch.randn(b, t, big_d, device=dev).to(dtype), v]
         views[:2] = [_same, _same]
@@ -302,6 +314,63 @@ def test_generate_and_modulate_cuda_one_long_request(layout):
     assert torch.equal(y, pedro_ext.modulate(x, v, seq))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("layout", ["strided_x", "misaligned_x", "odd_row_stride", "uneven_rows"])
+def test_generate_and_modulate_cuda_row_layouts_with_split_rows(dtype, layout):
+    """x's row layouts in the fused prefill, with D over one 256-column tile (700: three tiles,
+    the last partial) and each request's 600 rows split over many blocks."""
+    n, d, r, big_d, b, t = 4, 96, 8, 700, 2, 600
+    bank = make_bank(n, d, r, big_d, dtype=dtype, device="cuda")
+    pooled = torch.randn(b, d, device="cuda").to(dtype)
+    ids = torch.tensor([2, 0], device="cuda")
+    x, x_view = _x_case(layout, b, t, big_d, dtype)
+    views = [x_view, _same, _same, *([_same] * 6)]
+    grads = [torch.randn(b, t, big_d, device="cuda").to(dtype),
+             torch.randn(b, big_d, device="cuda").to(dtype)]
+    _views_against_reference(
+        lambda xx, p, i, *a: pedro_ext.generate_and_modulate(xx, p, i, *a),
+        lambda xx, p, i, *a: ref.generate_and_modulate(xx, None, p, i, *a),
+        [x, pooled, ids, *bank_args(bank)], views, grads, dtype)
+
+
+def test_generate_and_modulate_cuda_invalid_seq_ids_with_split_rows():
+    """Unchecked invalid seq ids (below 0 and at or above B) among packed rows whose requests are
+    split over many blocks: NaN rows, no gradient, the rest as the reference."""
+    dev, dtype = "cuda", torch.float32
+    n, d, r, big_d, b, s = 3, 64, 8, 520, 2, 3000
+    g = torch.Generator().manual_seed(11)
+    seq = torch.randint(0, b, (s,), generator=g)
+    bad = torch.randperm(s, generator=g)[:110]
+    seq[bad[:100]] = -1
+    seq[bad[100:]] = torch.tensor([2, 3, 7, 1000, 2, 2, 5, 9, 2, 4])
+    seq = seq.to(dev)
+    bank = make_bank(n, d, r, big_d, dtype=dtype, device=dev)
+    pooled = torch.randn(b, d, device=dev)
+    ids = torch.tensor([1, 2], device=dev)
+    x = torch.randn(s, big_d, device=dev)
+    gy, gv = torch.randn(s, big_d, device=dev), torch.randn(b, big_d, device=dev)
+
+    def run(args, kernel):
+        xx, p, i, sq, *bk = args
+        leaves = [t.clone().requires_grad_() for t in (xx, p, *bk)]
+        if kernel:
+            y, v = pedro_ext.generate_and_modulate(leaves[0], leaves[1], i, *leaves[2:], seq_ids=sq,
+                                                   check_ids=False)
+        else:
+            y, v = ref.generate_and_modulate(leaves[0], sq, leaves[1], i, *leaves[2:])
+        torch.autograd.backward([y, v], [gy.to(y), gv.to(v)])
+        return [y, v] + [t.grad for t in leaves]
+
+    got = run([x, pooled, ids, seq, *bank_args(bank)], True)
+    exp = run([t.double().cpu() if t.is_floating_point() else t.cpu()
+               for t in [x, pooled, ids, seq, *bank_args(bank)]], False)
+    for i, (a, e) in enumerate(zip(got, exp)):
+        _assert_same_nan(a, e, dtype, f"output/grad {i}")
+    invalid = (seq < 0) | (seq >= b)
+    assert torch.isnan(got[0][invalid]).all() and not torch.isnan(got[0][~invalid]).any()
+    assert torch.all(got[2][invalid] == 0)
+
+
 # ----------------------------------------------------------------------- rational
 def test_rational_cuda():
     x = torch.randn(10007) * 3
@@ -326,49 +395,16 @@ def test_rational_backward_cuda_many_blocks():
         torch.testing.assert_close(a.cpu(), e.grad, rtol=1e-9, atol=1e-9)
 
 
-# ----------------------------------------------------------------------- determinism
-def _twice(fn):
-    return [fn() for _ in range(2)]
-
-
-def test_backward_is_bitwise_deterministic_cuda():
-    bank = make_bank(8, 512, 16, 2048, dtype=torch.bfloat16, device="cuda")
-    pooled = torch.randn(256, 512, device="cuda", dtype=torch.bfloat16)
-    ids = torch.randint(0, 8, (256,), device="cuda")  # many requests share each adapter
-    x = torch.randn(256, 4, 2048, device="cuda", dtype=torch.bfloat16)
-    gy = torch.randn_like(x)
-
-    def fused():
-        leaves = [t.clone().requires_grad_() for t in [x, pooled, *bank_args(bank)]]
-        y, _ = pedro_ext.generate_and_modulate(leaves[0], leaves[1], ids, *leaves[2:])
-        y.backward(gy)
-        return [t.grad for t in leaves]
-
-    seq = torch.randint(0, 4, (5000,), device="cuda")  # ~1250 rows per request: many shares
-    g, u = torch.randn(5000, 1536, device="cuda"), torch.randn(5000, 1536, device="cuda")
-    v = torch.randn(4, 1536, device="cuda")
-    gout = torch.randn(5000, 1536, device="cuda")
-
-    def act_mul():
-        leaves = [t.clone().requires_grad_() for t in (g, u, v)]
-        pedro_ext.act_mul_modulate(leaves[0], leaves[1], leaves[2], seq, "gelu_tanh").backward(gout)
-        return [t.grad for t in leaves]
-
-    def packed_modulate():
-        leaves = [t.clone().requires_grad_() for t in (u, v)]
-        pedro_ext.modulate(leaves[0], leaves[1], seq).backward(gout)
-        return [t.grad for t in leaves]
-
-    xr = torch.randn(500_000, device="cuda")
-    num, den = torch.randn(6, device="cuda"), torch.randn(4, device="cuda")
-
-    def rational():
-        return list(torch.ops.pedro_ext.rational_backward(xr, xr.sin(), num, den))
-
-    for fn in (fused, act_mul, packed_modulate, rational):
-        first, second = _twice(fn)
-        for a, b in zip(first, second):
-            assert torch.equal(a, b), fn.__name__
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_rational_backward_cuda_half(dtype):
+    """rational_backward in the half types: grad_x elementwise, the coefficient gradients summed
+    over 4099 elements in fp32 and rounded once."""
+    g = torch.Generator().manual_seed(12)
+    x = torch.randn(4099, generator=g).to(dtype)
+    num = (torch.tensor(GELU_NUM) + 0.02 * torch.randn(6, generator=g)).to(dtype)
+    den = (torch.tensor(GELU_DEN) + 0.02 * torch.randn(4, generator=g)).to(dtype)
+    _compare_devices(pedro_ext.rational, [x, num, den], [torch.randn(4099, generator=g).to(dtype)],
+                     dtype, ref_fn=ref.rational)
 
 
 # ----------------------------------------------------------------------- graphs, big banks
@@ -641,3 +677,50 @@ def test_generate_backward_cuda_refuses_a_cpu_grad():
     with pytest.raises(ValueError, match="grad is on cpu but pooled is on cuda"):
         torch.ops.pedro_ext.generate_backward(torch.randn(2, 16), pooled, ids, *bank_args(bank)[:5])
     torch.cuda.synchronize()
+
+
+# ----------------------------------------------------------------------- determinism
+# Last in the file: the heaviest test, so a -x run (gpu_check.sh's sanitizer subset) meets the
+# cheap ones first.
+def _twice(fn):
+    return [fn() for _ in range(2)]
+
+
+def test_backward_is_bitwise_deterministic_cuda():
+    bank = make_bank(8, 512, 16, 2048, dtype=torch.bfloat16, device="cuda")
+    pooled = torch.randn(256, 512, device="cuda", dtype=torch.bfloat16)
+    ids = torch.randint(0, 8, (256,), device="cuda")  # many requests share each adapter
+    x = torch.randn(256, 4, 2048, device="cuda", dtype=torch.bfloat16)
+    gy = torch.randn_like(x)
+
+    def fused():
+        leaves = [t.clone().requires_grad_() for t in [x, pooled, *bank_args(bank)]]
+        y, _ = pedro_ext.generate_and_modulate(leaves[0], leaves[1], ids, *leaves[2:])
+        y.backward(gy)
+        return [t.grad for t in leaves]
+
+    seq = torch.randint(0, 4, (5000,), device="cuda")  # ~1250 rows per request: many shares
+    g, u = torch.randn(5000, 1536, device="cuda"), torch.randn(5000, 1536, device="cuda")
+    v = torch.randn(4, 1536, device="cuda")
+    gout = torch.randn(5000, 1536, device="cuda")
+
+    def act_mul():
+        leaves = [t.clone().requires_grad_() for t in (g, u, v)]
+        pedro_ext.act_mul_modulate(leaves[0], leaves[1], leaves[2], seq, "gelu_tanh").backward(gout)
+        return [t.grad for t in leaves]
+
+    def packed_modulate():
+        leaves = [t.clone().requires_grad_() for t in (u, v)]
+        pedro_ext.modulate(leaves[0], leaves[1], seq).backward(gout)
+        return [t.grad for t in leaves]
+
+    xr = torch.randn(500_000, device="cuda")
+    num, den = torch.randn(6, device="cuda"), torch.randn(4, device="cuda")
+
+    def rational():
+        return list(torch.ops.pedro_ext.rational_backward(xr, xr.sin(), num, den))
+
+    for fn in (fused, act_mul, packed_modulate, rational):
+        first, second = _twice(fn)
+        for a, b in zip(first, second):
+            assert torch.equal(a, b), fn.__name__

@@ -112,7 +112,7 @@ bool elements_distinct(const Tensor& t) {
   return true;
 }
 
-// [first byte, one past the last byte] of t's elements (strides are non-negative in torch).
+// [first byte, one past the last byte) of t's elements (strides are non-negative in torch).
 std::pair<uintptr_t, uintptr_t> byte_range(const Tensor& t) {
   int64_t last = 0;
   for (int64_t d = 0; d < t.dim(); ++d) last += (t.size(d) - 1) * t.stride(d);

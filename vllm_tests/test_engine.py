@@ -5,6 +5,7 @@ import gc
 import pytest
 
 from vllm import LLM, SamplingParams
+from vllm.config import CompilationMode
 from vllm.engine.arg_utils import EngineArgs
 from vllm.exceptions import VLLMValidationError
 
@@ -64,6 +65,10 @@ def check_against_hf(model, bank, prompt, adapter, output, n=NEW_TOKENS):
 
 def test_the_engine_runs_the_pedro_model(llm):
     assert llm.apply_model(lambda m: type(m).__name__) == [PedroLlamaForCausalLM.__name__]
+    llm.generate([{"prompt_token_ids": [5, 6]}], greedy(2, "mean8"), use_tqdm=False)
+    eager = llm.llm_engine.vllm_config.compilation_config.mode == CompilationMode.NONE
+    # compiled: the decoder stack ran as one traced graph (vLLM's no-guard wrapper)
+    assert llm.apply_model(lambda m: getattr(m.model, "compiled", False)) == [not eager]
 
 
 def test_mixed_batch_matches_hugging_face_for_every_request(llm, tiny_llama, bank):

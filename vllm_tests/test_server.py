@@ -100,6 +100,9 @@ def test_concurrent_tenants_get_their_adapters_tokens(server, tiny_llama, bank):
         assert status == 200, body
         want, _ = hf_greedy(tiny_llama, bank.get(tenant), prompt, NEW_TOKENS)
         assert body["choices"][0]["token_ids"] == want, f"tenant {tenant}"
+        if tenant is not None:
+            base, _ = hf_greedy(tiny_llama, None, prompt, NEW_TOKENS)
+            assert want != base, f"adapter {tenant} leaves this prompt's output unchanged"
 
 
 @pytest.mark.parametrize("xargs, message", [

@@ -16,9 +16,9 @@ from vllm_fixtures import ADAPTERS, hf_greedy, prompts
 
 NEW_TOKENS = 8
 # |vLLM - HF| of a sampled token's log-probability, float32 on both sides. The two differ in
-# kernels (fused qkv / gate_up, vLLM's RMSNorm and attention, summation order); measured
-# differences on this model are around 1e-5.
-LOGPROB_TOL = 1e-3
+# kernels (fused qkv / gate_up, vLLM's RMSNorm and attention, summation order): the largest
+# difference measured over 20 requests x 16 tokens was 1.05e-6, eager and compiled.
+LOGPROB_TOL = 1e-4
 
 
 def make_llm(model, adapters, eager, **overrides):

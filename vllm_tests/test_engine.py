@@ -97,7 +97,7 @@ def test_staggered_arrivals(llm, tiny_llama, bank):
     ps = prompts(7, seed=2)
     plan = [  # (arrival step, adapter, new tokens)
         (0, "mean8", 9), (0, None, 4), (1, "att6", 6), (3, "last4", 10), (3, "mean8", 3),
-        (4, "max3", 7), (6, None, 5)]
+        (4, "max3", 7), (6, "__base__", 5)]
     outputs, step = {}, 0
     while len(outputs) < len(plan):
         for i, (arrival, adapter, n) in enumerate(plan):

@@ -9,8 +9,8 @@ o.load_smollm2()").
 
 Each variant runs in its own process with its own engine (vLLM's default: compiled); the parent
 alternates them round by round, rotating the order, so load on a shared machine hits all three
-alike. A round sends the same batch of requests twice: with 1 new token (prefill) and with
---new-tokens (whole requests); decode time is their difference."""
+alike. A round adds the batch of requests and runs the engine step by step, timing each step
+(wall and this process's CPU time): decode figures are the median step that starts no prompt."""
 import argparse
 import json
 import multiprocessing as mp
@@ -112,51 +112,111 @@ def worker(variant, args, bank_dir, lora_paths, conn):
         return SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True, extra_args=extra)
 
     loras = ([LoRARequest(f"t{i}", i + 1, p) for i, p in enumerate(lora_paths)]
-             if variant == "lora" else None)
+             if variant == "lora" else [None] * args.requests)
+    engine = llm.llm_engine
 
-    def run(n):
-        start = time.perf_counter()
-        outs = llm.generate(prompts, [params(n, i) for i in range(args.requests)],
-                            lora_request=loras, use_tqdm=False)
-        seconds = time.perf_counter() - start
-        if any(len(o.outputs[0].token_ids) != n for o in outs):
-            raise RuntimeError(f"{variant}: a request did not produce {n} tokens")
-        return seconds, [list(o.outputs[0].token_ids) for o in outs]
+    def run(tag):
+        """All requests at once, then engine steps one by one: each step's wall and CPU time
+        (this process, all threads) and how many prompts it started."""
+        for i in range(args.requests):
+            engine.add_request(f"{tag}-{i}", prompts[i], params(args.new_tokens, i),
+                               lora_request=loras[i])
+        steps, tokens, started = [], {}, 0
+        while engine.has_unfinished_requests():
+            wall, cpu = time.perf_counter(), time.process_time()
+            outs = engine.step()
+            wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+            first = sum(1 for o in outs if len(o.outputs[0].token_ids) == 1)
+            started += first
+            steps.append({"wall_s": wall, "cpu_s": cpu, "prefills": first})
+            for o in outs:
+                if o.finished:
+                    tokens[int(o.request_id.rsplit("-", 1)[1])] = list(o.outputs[0].token_ids)
+        if started != args.requests or any(len(tokens[i]) != args.new_tokens
+                                           for i in range(args.requests)):
+            raise RuntimeError(f"{variant}: requests did not all produce {args.new_tokens} tokens")
+        return steps, [tokens[i] for i in range(args.requests)]
 
     conn.send(("ready", None))
+    rounds = 0
     while True:
         cmd = conn.recv()
         if cmd == "stop":
             break
-        prefill_s, _ = run(1)
-        total_s, tokens = run(args.new_tokens)
-        conn.send(("result", {"prefill_s": prefill_s, "total_s": total_s, "tokens": tokens}))
+        steps, tokens = run(f"round{rounds}")
+        rounds += 1
+        conn.send(("result", {"steps": steps, "tokens": tokens}))
 
 
 # --------------------------------------------------------------------------- driver
+def _spread(values):
+    return {"median": statistics.median(values), "min": min(values), "max": max(values)}
+
+
 def summarize(samples, args):
-    new = args.requests * args.new_tokens
-    decode = args.requests * (args.new_tokens - 1)
+    """Per variant, over rounds: a decode step's wall and CPU time (median over the round's
+    steps that start no prompt), as tokens/s for the batch; the prefill step(s); end to end.
+    CPU time is this engine process's (all threads): it leaves out time spent waiting for a core
+    on a shared machine. Medians relative to the base model."""
     rows = {}
     for variant, runs in samples.items():
-        e2e = [new / r["total_s"] for r in runs]
-        dec = [decode / (r["total_s"] - r["prefill_s"]) for r in runs]
-        pre = [r["prefill_s"] * 1e3 for r in runs]
-        for value in e2e + dec:
-            if not 0 < value < 1e6:
-                raise RuntimeError(f"{variant}: impossible throughput {value} tokens/s")
-        rows[variant] = {
-            "e2e_tokens_per_s": {"median": statistics.median(e2e), "min": min(e2e), "max": max(e2e)},
-            "decode_tokens_per_s": {"median": statistics.median(dec), "min": min(dec),
-                                    "max": max(dec)},
-            "prefill_ms": {"median": statistics.median(pre), "min": min(pre), "max": max(pre)},
-        }
-    base = rows["base"]["decode_tokens_per_s"]["median"]
+        figures = {k: [] for k in ("decode_tokens_per_s", "decode_tokens_per_cpu_s",
+                                   "e2e_tokens_per_s", "e2e_tokens_per_cpu_s", "prefill_ms")}
+        for steps in runs:
+            decode = [s for s in steps if s["prefills"] == 0]
+            prefill = [s for s in steps if s["prefills"] > 0]
+            if len(decode) < args.new_tokens - 2:
+                raise RuntimeError(f"{variant}: only {len(decode)} pure decode steps")
+            figures["decode_tokens_per_s"].append(
+                args.requests / statistics.median(s["wall_s"] for s in decode))
+            figures["decode_tokens_per_cpu_s"].append(
+                args.requests / statistics.median(s["cpu_s"] for s in decode))
+            total = args.requests * args.new_tokens
+            figures["e2e_tokens_per_s"].append(total / sum(s["wall_s"] for s in steps))
+            figures["e2e_tokens_per_cpu_s"].append(total / sum(s["cpu_s"] for s in steps))
+            figures["prefill_ms"].append(1e3 * sum(s["wall_s"] for s in prefill))
+        for name, values in figures.items():
+            if not all(0 < v < 1e7 for v in values):
+                raise RuntimeError(f"{variant}: impossible {name} {values}")
+        rows[variant] = {k: _spread(v) for k, v in figures.items()}
     for variant in rows:
-        rows[variant]["decode_vs_base"] = rows[variant]["decode_tokens_per_s"]["median"] / base
-        rows[variant]["e2e_vs_base"] = (rows[variant]["e2e_tokens_per_s"]["median"]
-                                        / rows["base"]["e2e_tokens_per_s"]["median"])
+        for key in [k for k in rows[variant] if k.endswith(("_per_s", "_per_cpu_s"))]:
+            rows[variant][key]["vs_base"] = (rows[variant][key]["median"]
+                                             / rows["base"][key]["median"])
     return rows
+
+
+def markdown(report) -> str:
+    setup, params, res = report["setup"], report["adapter_parameters"], report["results"]
+    m = report["machine"]
+    lines = [
+        f"Machine: {m['cpu']} ({m['cores']} cores, shared with other jobs: load average "
+        f"{m['load_average_at_start'][0]:.1f} at start, {m['load_average_at_end'][0]:.1f} at "
+        f"end), vLLM {report['versions']['vllm']}, torch {report['versions']['torch']}, "
+        f"{setup['dtype']}, {'eager' if setup['eager'] else 'compiled (vLLM default)'}.",
+        f"Workload: {setup['requests']} requests at once, {setup['prompt_len']}-token prompts, "
+        f"{setup['new_tokens']} new tokens each, greedy; every adapter request its own adapter; "
+        f"{setup['rounds']} interleaved rounds after a warm-up round: median (min-max).",
+        f"Adapters: PEDRO r={setup['pedro_r']} on Q, V, up ({params['pedro']:,} parameters); "
+        f"LoRA rank {setup['lora_rank']} on q_proj, v_proj, up_proj ({params['lora']:,}).",
+        "",
+        "| variant | decode tok/s (wall) | decode tok per CPU-s | end-to-end tok/s (wall) | "
+        "end-to-end tok per CPU-s | prefill ms (wall) |",
+        "|---|---|---|---|---|---|",
+    ]
+    names = {"base": "vLLM, base model", "pedro": "vLLM + PEDRO", "lora": "vLLM multi-LoRA"}
+
+    def cell(f):
+        return (f"{f['median']:.1f} ({f['min']:.1f}-{f['max']:.1f})"
+                + (f" {f['vs_base']:.2f}x" if "vs_base" in f else ""))
+
+    for v in VARIANTS:
+        r = res[v]
+        lines.append(f"| {names[v]} | {cell(r['decode_tokens_per_s'])} | "
+                     f"{cell(r['decode_tokens_per_cpu_s'])} | {cell(r['e2e_tokens_per_s'])} | "
+                     f"{cell(r['e2e_tokens_per_cpu_s'])} | {r['prefill_ms']['median']:.0f} "
+                     f"({r['prefill_ms']['min']:.0f}-{r['prefill_ms']['max']:.0f}) |")
+    return "\n".join(lines) + "\n"
 
 
 def machine():
@@ -221,8 +281,9 @@ def main():
                 result = conns[v].recv()[1]
                 if result["tokens"] != first_tokens[v]:
                     raise RuntimeError(f"{v}: greedy outputs changed between rounds")
-                samples[v].append({k: result[k] for k in ("prefill_s", "total_s")})
-                print(f"round {rnd} {v}: {result['total_s']:.2f} s", flush=True)
+                samples[v].append(result["steps"])
+                print(f"round {rnd} {v}: {sum(s['wall_s'] for s in result['steps']):.2f} s wall, "
+                      f"{sum(s['cpu_s'] for s in result['steps']):.2f} s CPU", flush=True)
     finally:
         for v in VARIANTS:
             if procs[v].is_alive():
@@ -242,6 +303,8 @@ def main():
     }
     with open(os.path.join(args.out, "vllm_serving.json"), "w") as f:
         json.dump(report, f, indent=2)
+    with open(os.path.join(args.out, "vllm_serving.md"), "w") as f:
+        f.write(markdown(report))
     print(json.dumps({"machine": report["machine"], "results": rows}, indent=2))
 
 

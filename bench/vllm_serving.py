@@ -242,6 +242,7 @@ def main():
     ap.add_argument("--lora-rank", type=int, default=8)
     ap.add_argument("--eager", action="store_true", help="enforce_eager (default: compiled)")
     args = ap.parse_args()
+    host = machine()
     if not os.path.isfile(os.path.join(args.model_dir, "config.json")):
         sys.exit(f"no Hugging Face model folder at {args.model_dir}: create it with "
                  "python -c 'import pedro_ext.offline as o; o.load_smollm2()' (main environment)")
@@ -294,7 +295,7 @@ def main():
             raise RuntimeError(f"{v}: the adapters did not change any output (not applied?)")
     rows = summarize(samples, args)
     report = {
-        "machine": dict(machine(), load_average_at_end=os.getloadavg()),
+        "machine": dict(host, load_average_at_end=os.getloadavg()),
         "versions": {"vllm": vllm.__version__, "torch": torch.__version__},
         "setup": {k: v for k, v in vars(args).items() if k != "out"},
         "adapter_parameters": {"pedro": pedro_params, "lora": lora_params},

@@ -170,12 +170,15 @@ class AdapterBank:
             raise UnknownAdapterError(name, self.names)
         return self.index[name]
 
-    def num_parameters(self, name: str) -> int:
-        return sum(t.numel() for layer in self._weights[name].values() for t in layer.values())
+    def release_weights(self) -> None:
+        """Drop the per-adapter tensors once every layer has its stacked copy."""
+        self._weights = None
 
     def layer_tensors(self, layer: int, dtype: torch.dtype) -> Dict[str, torch.Tensor]:
         """The stacked bank of one decoder layer: w_down [N, d, r], b_down [N, r],
         rat_num [N, m+1], rat_den [N, n], w_up [N, r, D], b_up [N, D], att_query [N, d]."""
+        if self._weights is None:
+            raise RuntimeError("AdapterBank.layer_tensors after release_weights()")
         d, big_d = self.dims.hidden_size, self.dims.vector_size
         r = max(c.r for c in self.configs.values())
         num_len = max(c.rational_degrees[0] + 1 for c in self.configs.values())

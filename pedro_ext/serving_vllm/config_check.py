@@ -2,7 +2,7 @@
 requests: engine settings PEDRO cannot serve are refused before the engine starts, and a request
 naming an adapter the bank lacks is refused on its own (HTTP 400), the engine untouched."""
 import threading
-from typing import Dict, List, Optional
+from typing import List, Optional
 
 from vllm.model_executor.models.config import VerifyAndUpdateConfig
 from vllm.v1.sample.logits_processor import LogitsProcessor
@@ -13,8 +13,9 @@ from .bank import (BASE_NAMES, ModelDims, UnknownAdapterError, check_adapter_con
 
 ADMISSION_CHECK = "pedro_ext.serving_vllm.config_check:PedroAdapterAdmission"
 
-# Adapter names per served model, known in the process that admits requests.
-_served_adapters: Dict[str, List[str]] = {}
+# The served bank's adapter names, known in the process that admits requests (the engine
+# created last in this process: one PEDRO engine per process).
+_served_adapters: List[str] = []
 _lock = threading.Lock()
 
 
@@ -79,7 +80,7 @@ class PedroEngineCheck(VerifyAndUpdateConfig):
         for name, path in paths.items():
             check_adapter_config(name, path, dims)
         with _lock:
-            _served_adapters[model_config.model] = list(paths)
+            _served_adapters[:] = list(paths)
         procs = list(model_config.logits_processors or [])
         if ADMISSION_CHECK not in procs:
             model_config.logits_processors = procs + [ADMISSION_CHECK]
@@ -94,11 +95,10 @@ class PedroAdapterAdmission(LogitsProcessor):
         if name in BASE_NAMES:
             return
         with _lock:
-            banks = list(_served_adapters.values())
-        if not banks:
+            known = list(_served_adapters)
+        if not known:
             raise ValueError("PEDRO: this process has no adapter bank registered (the engine "
                              "must be created here, with a single API server)")
-        known = banks[0]  # one PEDRO model per process
         if name not in known:
             raise UnknownAdapterError(name, known)
 

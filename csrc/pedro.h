@@ -88,6 +88,12 @@ int64_t row_stride(const Tensor& t);
 // t itself when row_stride(t) >= 0, else a contiguous copy.
 Tensor rows_view(const Tensor& t);
 
+// modulate_'s memory rules. Raises RuntimeError unless x's elements provably occupy distinct
+// memory (at::assert_no_internal_overlap gives up on non-dense tensors, e.g. rows that overlap
+// each other); returns vectors, or a contiguous copy of it when its memory range meets x's, so
+// the result is modulate's even when vectors is a view of x.
+Tensor vectors_for_inplace(const char* op, const Tensor& x, const Tensor& vectors);
+
 // at::parallel_for grain for items of about `work` multiply-adds each: small calls stay on the
 // calling thread, where waking the thread pool would cost more than the work.
 inline int64_t grain_for(int64_t work) {

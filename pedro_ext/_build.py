@@ -26,7 +26,10 @@ def build_info() -> dict:
 
 def set_cuda_index_checks(enabled: bool) -> None:
     """Process-wide switch of the CUDA ops' id range check (one host sync per call; never done
-    during CUDA-graph capture). Servers that build ids themselves may turn it off; a caller that
-    validated one call's ids passes check_ids=False to that op instead. Unchecked invalid ids are
-    never read: the rows they select come out as NaN (the rule in pedro_ext.ops)."""
+    during CUDA-graph capture). A process setting for servers that build the ids themselves: it
+    holds for every thread, model and caller in the process until switched back, so do not
+    toggle it around single calls (another thread's calls would run unchecked). Per-call
+    control is the ops' check_ids keyword: a caller that validated one call's ids passes
+    check_ids=False to that op. Unchecked invalid ids are never read: the rows they select come
+    out as NaN (the rule in pedro_ext.ops)."""
     _C.set_cuda_index_checks(bool(enabled))

@@ -80,13 +80,22 @@ def modulate(x: Tensor, vectors: Tensor, seq_ids: Optional[Tensor] = None, *,
 
 def modulate_(x: Tensor, vectors: Tensor, seq_ids: Optional[Tensor] = None, *,
               check_ids: bool = True) -> Tensor:
-    """In-place modulate for inference: scales x and returns it, allocating nothing.
+    """In-place modulate for inference: scales x and returns it.
 
     Semantics:
         x.copy_(modulate(x, vectors, seq_ids, check_ids=check_ids)); return x
     Same layouts, checks and invalid-id rule as modulate. There is no autograd: a call in grad
-    mode with x or vectors requiring grad raises RuntimeError (use modulate then). x must not
-    overlap itself or vectors (RuntimeError). Works under torch.compile and CUDA-graph capture.
+    mode with x or vectors requiring grad raises RuntimeError (use modulate then). x's elements
+    must occupy distinct memory (RuntimeError otherwise: an expanded x, rows that overlap each
+    other). vectors may share memory with x, even be a view of it: they are then read from a
+    copy, as the Semantics line says. Works under torch.compile and CUDA-graph capture.
+    Memory: nothing is allocated when x's rows are evenly spaced with unit column stride (any
+    contiguous x, a column slice of a wider tensor, packed rows with any row stride), vectors'
+    columns are contiguous and apart from x, seq_ids is contiguous (and int64 on the CPU) and
+    check_ids=False. Otherwise it allocates: two temporaries of x's size when a padded x's rows
+    are not evenly spaced (x.stride(0) != x.size(1) * x.stride(1), e.g. a transposed [T, B, D]
+    tensor) or its columns are strided; a copy of vectors when its columns are strided or it
+    shares memory with x; an int64 / contiguous copy of seq_ids; a few bytes for the id check.
     """
     _ops.modulate_.default(x, vectors, seq_ids, check_ids)
     return x

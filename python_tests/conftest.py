@@ -4,6 +4,16 @@ import torch
 CUDA = torch.cuda.is_available()
 requires_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
 
+
+def pytest_make_parametrize_id(config, val, argname):
+    """Readable test ids in every file: float16 instead of dtype0, 3x300x37 instead of shape1,
+    so `-k` expressions (bench/gpu_check.sh's sanitizer subset) can select by dtype and shape."""
+    if isinstance(val, torch.dtype):
+        return str(val).removeprefix("torch.")
+    if isinstance(val, tuple) and val and all(isinstance(v, int) for v in val):
+        return "x".join(map(str, val))
+    return None
+
 # Tolerance (relative to the magnitude of the expected values) per dtype, for kernels that
 # accumulate in fp32 (fp64 for float64) and round the result once.
 TOL = {torch.float64: 1e-10, torch.float32: 2e-5, torch.float16: 4e-3, torch.bfloat16: 2.5e-2}

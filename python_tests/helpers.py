@@ -1,5 +1,8 @@
+import pytest
 import torch
 
+import pedro_ext
+from pedro_ext import reference as ref
 from pedro_ext.activations import GELU_DEN, GELU_NUM
 
 
@@ -65,3 +68,47 @@ def assert_bitwise(actual, expected, what=""):
     bits = {2: torch.int16, 4: torch.int32, 8: torch.int64}[actual.element_size()]
     a, e = actual.contiguous().view(bits), expected.contiguous().view(bits)
     assert torch.equal(a, e), f"{what}: {(a != e).sum().item()} of {a.numel()} elements differ"
+
+
+def check_modulate_inplace_memory_rules(device):
+    """modulate_ on x whose elements share memory raises (leaving x as it was); vectors that
+    share memory with x, even a view of it, give modulate's result on the values before the
+    call (at::assert_no_overlap gives up on non-dense tensors, so both once passed silently)."""
+    def rnd(*shape):
+        return torch.randn(*shape, dtype=torch.float64).float().to(device)
+
+    refused = "pedro_ext.modulate_: x has elements that may share memory"
+    base = rnd(40)
+    before = base.clone()
+    with pytest.raises(RuntimeError, match=refused):  # rows 4 elements apart, 8 wide
+        pedro_ext.modulate_(base.as_strided((4, 8), (4, 1)), rnd(4, 8),
+                            torch.arange(4, device=device))
+    with pytest.raises(RuntimeError, match=refused):  # padded rows overlapping along T
+        pedro_ext.modulate_(base.as_strided((2, 3, 8), (20, 4, 1)), rnd(2, 8))
+    with pytest.raises(RuntimeError, match=refused):
+        pedro_ext.modulate_(rnd(2, 1, 4).expand(2, 3, 4), rnd(2, 4))
+    assert torch.equal(base, before)
+
+    x = rnd(2, 3, 8)
+    cases = [
+        ("vectors = x[:, 0]", x, lambda z: z[:, 0], None),
+        ("vectors = x's first rows", rnd(6, 8), lambda z: z[:2], torch.tensor([0, 1, 1, 0, 1, 0])),
+        ("x = vectors viewed as [B, 1, D]", rnd(2, 1, 4), lambda z: z[:, 0], None),
+        ("vectors beside x in one fused tensor", rnd(2, 3, 16)[..., :8],
+         lambda z: z.as_strided((2, 8), (48, 1), z.storage_offset() + 8), None),
+    ]
+    for what, x, view, seq in cases:
+        seq = None if seq is None else seq.to(device)
+        v = view(x)
+        expected = pedro_ext.modulate(x.clone(), v.clone(), seq)
+        exp_ref = ref.modulate(x.double().cpu(), v.double().cpu(), None if seq is None else seq.cpu())
+        out = pedro_ext.modulate_(x, v, seq)
+        assert out is x
+        assert torch.equal(x, expected), what
+        torch.testing.assert_close(x.double().cpu(), exp_ref, rtol=2e-6, atol=1e-6, msg=what)
+    # layouts torch's own ops make are accepted: transposed, column-sliced, packed rows
+    for x in (rnd(4, 6, 10).transpose(0, 1)[:, :, 2:7], rnd(6, 4, 10)[..., 3:8], rnd(5, 12)[1:, 2:7]):
+        v = rnd(x.shape[0] if x.dim() == 3 else 2, 5)
+        seq = None if x.dim() == 3 else torch.tensor([0, 1, 1, 0], device=device)
+        expected = pedro_ext.modulate(x, v, seq)
+        assert torch.equal(pedro_ext.modulate_(x, v, seq), expected)

@@ -76,10 +76,14 @@ class Case:
         return self.randn(*shape, dtype=dtype, scale=scale)
 
     def vectors(self, b, big_d, dtype):
-        """[B, D] vectors, often a column slice of a wider tensor (like l_q of [l_q l_v l_u])."""
+        """[B, D] vectors, often a column slice of a wider tensor (like l_q of [l_q l_v l_u]):
+        the slice is taken last, so it keeps the wide tensor's row stride and offset."""
         off = self.rng.choice([0, 0, 1, 3, 8])
-        return self.randn(b, big_d + off + self.rng.randint(0, 5), dtype=dtype, scale=0.5)[
-            :, off:off + big_d] + 1
+        wide = self.randn(b, big_d + off + self.rng.randint(0, 5), dtype=dtype, scale=0.5)
+        wide.add_(1)
+        v = wide[:, off:off + big_d]
+        self.desc["vectors_contiguous"] = v.is_contiguous()
+        return v
 
 
 def close(actual, expected, dtype, what, desc):
@@ -238,8 +242,23 @@ RUNNERS = {
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("op", list(RUNNERS))
 def test_fuzz_against_reference(op, device):
-    for i in range(CASES):
-        RUNNERS[op](Case(op, i, device))
+    cases = [Case(op, i, device) for i in range(CASES)]
+    for c in cases:
+        RUNNERS[op](c)
+    _assert_layouts_were_drawn(op, cases)
+
+
+def _assert_layouts_were_drawn(op, cases):
+    """The generator really produced the layouts it promises (a slice made contiguous by a later
+    operation once hid the sliced vectors from every case)."""
+    def share(key, value):
+        drawn = [c.desc[key] for c in cases if key in c.desc]
+        return sum(d == value for d in drawn) / max(1, len(drawn))
+
+    if op in ("modulate", "modulate_", "act_mul_modulate"):
+        assert share("vectors_contiguous", False) > 0.3, op
+        for kind in ("strided", "misaligned"):
+            assert share("rows", kind) > 0.2, (op, kind)
 
 
 # ----------------------------------------------------------------------- broken inputs

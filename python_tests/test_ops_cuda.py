@@ -9,9 +9,11 @@ import torch
 
 import pedro_ext
 from pedro_ext import reference as ref
+from pedro_ext.activations import GELU_DEN, GELU_NUM
 
 from conftest import assert_close, requires_cuda
-from helpers import act_mul_layouts, assert_bitwise, bank_args, make_bank, random_ids
+from helpers import (act_mul_layouts, assert_bitwise, bank_args, check_modulate_inplace_memory_rules,
+                     make_bank, random_ids)
 
 pytestmark = requires_cuda
 
@@ -95,25 +97,35 @@ def test_generate_cuda_with_w_up_sliced_on_device(dtype, offset):
 
 
 # ----------------------------------------------------------------------- modulate
-MOD_LAYOUTS = ["padded", "packed", "sliced", "sliced_aligned", "misaligned_x", "strided_x"]
+MOD_LAYOUTS = ["padded", "packed", "sliced", "sliced_aligned", "misaligned_x", "strided_x",
+               "odd_row_stride", "uneven_rows"]
+
+
+def _x_case(layout, b, t, big_d, dtype):
+    """(base, view) of a padded x [B, T, D] in one of the row layouts the kernels distinguish."""
+    dev = "cuda"
+    if layout == "misaligned_x":  # base pointer one element past a 16-byte boundary
+        x = torch.randn(b * t * big_d + 1, device=dev).to(dtype)
+        return x, lambda z: z[1:].view(b, t, big_d)
+    if layout == "strided_x":  # rows of a fused projection output
+        return torch.randn(b, t, big_d + 11, device=dev).to(dtype), lambda z: z[..., 5:5 + big_d]
+    if layout == "odd_row_stride":  # aligned base pointer; the odd row stride alone misaligns rows
+        pad = 1 + big_d % 2
+        return torch.randn(b, t, big_d + pad, device=dev).to(dtype), lambda z: z[..., :big_d]
+    if layout == "uneven_rows":  # [T, B, D] seen as [B, T, D]: no single row stride (a copy)
+        return torch.randn(t, b, big_d, device=dev).to(dtype), lambda z: z.transpose(0, 1)
+    return torch.randn(b, t, big_d, device=dev).to(dtype), _same
 
 
 def _modulate_case(layout, b, t, big_d, dtype):
     """(bases, views, seq_ids) for one layout; every tensor made on the device."""
     dev = "cuda"
     seq = None
-    x_view, v_view = _same, _same
     if layout == "packed":
         seq = torch.randint(0, b, (b * t,), device=dev)
-        x = torch.randn(b * t, big_d, device=dev).to(dtype)
-    elif layout == "misaligned_x":  # base pointer one element past a 16-byte boundary
-        x = torch.randn(b * t * big_d + 1, device=dev).to(dtype)
-        x_view = lambda z: z[1:].view(b, t, big_d)  # noqa: E731
-    elif layout == "strided_x":  # rows of a fused projection output
-        x = torch.randn(b, t, big_d + 11, device=dev).to(dtype)
-        x_view = lambda z: z[..., 5:5 + big_d]  # noqa: E731
+        x, x_view = torch.randn(b * t, big_d, device=dev).to(dtype), _same
     else:
-        x = torch.randn(b, t, big_d, device=dev).to(dtype)
+        x, x_view = _x_case(layout, b, t, big_d, dtype)
     v = torch.randn(b, big_d + 16, device=dev).to(dtype)
     if layout == "sliced":
         v_view = lambda z: z[:, 3:3 + big_d]  # noqa: E731
@@ -144,15 +156,14 @@ def test_modulate_inplace_cuda(dtype, layout):
     expected = pedro_ext.modulate(x_view(x), v_view(v), seq)
     exp_ref = ref.modulate(x_view(x).double().cpu(), v_view(v).double().cpu(),
                            None if seq is None else seq.cpu())
-    before = x.clone()
+    after = x.clone()
+    x_view(after).copy_(expected)  # x with the view's elements replaced, the rest untouched
     target = x_view(x)
     out = pedro_ext.modulate_(target, v_view(v), seq)
     assert out is target
     assert torch.equal(target, expected)
     assert_close(target, exp_ref, dtype, "modulate_")
-    if layout == "strided_x":  # the columns around the slice are untouched
-        assert torch.equal(x[..., :5], before[..., :5])
-        assert torch.equal(x[..., 5 + big_d:], before[..., 5 + big_d:])
+    assert torch.equal(x, after)
 
 
 def test_modulate_inplace_cuda_unevenly_strided_rows():
@@ -163,9 +174,51 @@ def test_modulate_inplace_cuda_unevenly_strided_rows():
     assert torch.equal(x, expected)
 
 
+def test_modulate_inplace_cuda_memory_rules():
+    check_modulate_inplace_memory_rules("cuda")
+
+
+def _allocations(fn):
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_stats()["allocation.all.allocated"]
+    fn()
+    torch.cuda.synchronize()
+    return torch.cuda.memory_stats()["allocation.all.allocated"] - before
+
+
+def test_modulate_inplace_cuda_allocates_only_where_documented():
+    """modulate_'s docstring: nothing for evenly spaced rows, contiguous vector columns apart from
+    x, contiguous seq_ids and check_ids=False; temporaries otherwise."""
+    dev = "cuda"
+    v = torch.randn(4, 40, device=dev)[:, 3:35]  # a column slice: unit column stride
+    seq = torch.tensor([0, 3, 3, 1, 2, 0], device=dev)
+    padded, packed = torch.randn(4, 3, 32, device=dev), torch.randn(6, 50, device=dev)[:, 9:41]
+    fused = torch.randn(4, 3, 96, device=dev)[..., 32:64]
+    uneven = torch.randn(3, 4, 32, device=dev).transpose(0, 1)
+    strided_v = torch.randn(32, 4, device=dev).t()
+    none = {
+        "padded": lambda: pedro_ext.modulate_(padded, v, check_ids=False),
+        "strided rows": lambda: pedro_ext.modulate_(fused, v, check_ids=False),
+        "packed": lambda: pedro_ext.modulate_(packed, v, seq, check_ids=False),
+    }
+    some = {
+        "uneven rows": lambda: pedro_ext.modulate_(uneven, v, check_ids=False),
+        "vectors in x": lambda: pedro_ext.modulate_(padded, padded[:, 0], check_ids=False),
+        "strided vector columns": lambda: pedro_ext.modulate_(padded, strided_v, check_ids=False),
+        "id check": lambda: pedro_ext.modulate_(packed, v, seq),
+    }
+    for name, fn in {**none, **some}.items():
+        fn()  # warm-up
+    for name, fn in none.items():
+        assert _allocations(fn) == 0, name
+    for name, fn in some.items():
+        assert _allocations(fn) > 0, name
+
+
 # ----------------------------------------------------------------------- act_mul_modulate
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("layout", ["padded", "packed", "fused_gate_up", "misaligned"])
+@pytest.mark.parametrize("layout", ["padded", "packed", "fused_gate_up", "misaligned",
+                                    "odd_row_stride", "uneven_rows"])
 @pytest.mark.parametrize("activation", ["silu", "gelu_tanh"])
 def test_act_mul_modulate_cuda(dtype, layout, activation):
     b, t, big_d = 4, 9, 1031
@@ -185,6 +238,9 @@ def test_act_mul_modulate_cuda(dtype, layout, activation):
         bases = [(torch.randn(b * t * big_d + 1, device=dev) * 3).to(dtype),
                  torch.randn(b * t * big_d + 2, device=dev).to(dtype), v]
         views[:2] = [lambda z: z[1:].view(b, t, big_d), lambda z: z[2:].view(b, t, big_d)]
+    elif layout in ("odd_row_stride", "uneven_rows"):
+        (gate, gv), (up, uv) = _x_case(layout, b, t, big_d, dtype), _x_case(layout, b, t, big_d, dtype)
+        bases, views[:2] = [gate * 3, up, v], [gv, uv]
     else:
         bases = [(torch.randn(b, t, big_d, device=dev) * 3).to(dtype), torch.randn(b, t, big_d, device=dev).to(dtype), v]
         views[:2] = [_same, _same]
@@ -258,6 +314,63 @@ def test_generate_and_modulate_cuda_one_long_request(layout):
     assert torch.equal(y, pedro_ext.modulate(x, v, seq))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("layout", ["strided_x", "misaligned_x", "odd_row_stride", "uneven_rows"])
+def test_generate_and_modulate_cuda_row_layouts_with_split_rows(dtype, layout):
+    """x's row layouts in the fused prefill, with D over one 256-column tile (700: three tiles,
+    the last partial) and each request's 600 rows split over many blocks."""
+    n, d, r, big_d, b, t = 4, 96, 8, 700, 2, 600
+    bank = make_bank(n, d, r, big_d, dtype=dtype, device="cuda")
+    pooled = torch.randn(b, d, device="cuda").to(dtype)
+    ids = torch.tensor([2, 0], device="cuda")
+    x, x_view = _x_case(layout, b, t, big_d, dtype)
+    views = [x_view, _same, _same, *([_same] * 6)]
+    grads = [torch.randn(b, t, big_d, device="cuda").to(dtype),
+             torch.randn(b, big_d, device="cuda").to(dtype)]
+    _views_against_reference(
+        lambda xx, p, i, *a: pedro_ext.generate_and_modulate(xx, p, i, *a),
+        lambda xx, p, i, *a: ref.generate_and_modulate(xx, None, p, i, *a),
+        [x, pooled, ids, *bank_args(bank)], views, grads, dtype)
+
+
+def test_generate_and_modulate_cuda_invalid_seq_ids_with_split_rows():
+    """Unchecked invalid seq ids (below 0 and at or above B) among packed rows whose requests are
+    split over many blocks: NaN rows, no gradient, the rest as the reference."""
+    dev, dtype = "cuda", torch.float32
+    n, d, r, big_d, b, s = 3, 64, 8, 520, 2, 3000
+    g = torch.Generator().manual_seed(11)
+    seq = torch.randint(0, b, (s,), generator=g)
+    bad = torch.randperm(s, generator=g)[:110]
+    seq[bad[:100]] = -1
+    seq[bad[100:]] = torch.tensor([2, 3, 7, 1000, 2, 2, 5, 9, 2, 4])
+    seq = seq.to(dev)
+    bank = make_bank(n, d, r, big_d, dtype=dtype, device=dev)
+    pooled = torch.randn(b, d, device=dev)
+    ids = torch.tensor([1, 2], device=dev)
+    x = torch.randn(s, big_d, device=dev)
+    gy, gv = torch.randn(s, big_d, device=dev), torch.randn(b, big_d, device=dev)
+
+    def run(args, kernel):
+        xx, p, i, sq, *bk = args
+        leaves = [t.clone().requires_grad_() for t in (xx, p, *bk)]
+        if kernel:
+            y, v = pedro_ext.generate_and_modulate(leaves[0], leaves[1], i, *leaves[2:], seq_ids=sq,
+                                                   check_ids=False)
+        else:
+            y, v = ref.generate_and_modulate(leaves[0], sq, leaves[1], i, *leaves[2:])
+        torch.autograd.backward([y, v], [gy.to(y), gv.to(v)])
+        return [y, v] + [t.grad for t in leaves]
+
+    got = run([x, pooled, ids, seq, *bank_args(bank)], True)
+    exp = run([t.double().cpu() if t.is_floating_point() else t.cpu()
+               for t in [x, pooled, ids, seq, *bank_args(bank)]], False)
+    for i, (a, e) in enumerate(zip(got, exp)):
+        _assert_same_nan(a, e, dtype, f"output/grad {i}")
+    invalid = (seq < 0) | (seq >= b)
+    assert torch.isnan(got[0][invalid]).all() and not torch.isnan(got[0][~invalid]).any()
+    assert torch.all(got[2][invalid] == 0)
+
+
 # ----------------------------------------------------------------------- rational
 def test_rational_cuda():
     x = torch.randn(10007) * 3
@@ -282,49 +395,16 @@ def test_rational_backward_cuda_many_blocks():
         torch.testing.assert_close(a.cpu(), e.grad, rtol=1e-9, atol=1e-9)
 
 
-# ----------------------------------------------------------------------- determinism
-def _twice(fn):
-    return [fn() for _ in range(2)]
-
-
-def test_backward_is_bitwise_deterministic_cuda():
-    bank = make_bank(8, 512, 16, 2048, dtype=torch.bfloat16, device="cuda")
-    pooled = torch.randn(256, 512, device="cuda", dtype=torch.bfloat16)
-    ids = torch.randint(0, 8, (256,), device="cuda")  # many requests share each adapter
-    x = torch.randn(256, 4, 2048, device="cuda", dtype=torch.bfloat16)
-    gy = torch.randn_like(x)
-
-    def fused():
-        leaves = [t.clone().requires_grad_() for t in [x, pooled, *bank_args(bank)]]
-        y, _ = pedro_ext.generate_and_modulate(leaves[0], leaves[1], ids, *leaves[2:])
-        y.backward(gy)
-        return [t.grad for t in leaves]
-
-    seq = torch.randint(0, 4, (5000,), device="cuda")  # ~1250 rows per request: many shares
-    g, u = torch.randn(5000, 1536, device="cuda"), torch.randn(5000, 1536, device="cuda")
-    v = torch.randn(4, 1536, device="cuda")
-    gout = torch.randn(5000, 1536, device="cuda")
-
-    def act_mul():
-        leaves = [t.clone().requires_grad_() for t in (g, u, v)]
-        pedro_ext.act_mul_modulate(leaves[0], leaves[1], leaves[2], seq, "gelu_tanh").backward(gout)
-        return [t.grad for t in leaves]
-
-    def packed_modulate():
-        leaves = [t.clone().requires_grad_() for t in (u, v)]
-        pedro_ext.modulate(leaves[0], leaves[1], seq).backward(gout)
-        return [t.grad for t in leaves]
-
-    xr = torch.randn(500_000, device="cuda")
-    num, den = torch.randn(6, device="cuda"), torch.randn(4, device="cuda")
-
-    def rational():
-        return list(torch.ops.pedro_ext.rational_backward(xr, xr.sin(), num, den))
-
-    for fn in (fused, act_mul, packed_modulate, rational):
-        first, second = _twice(fn)
-        for a, b in zip(first, second):
-            assert torch.equal(a, b), fn.__name__
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_rational_backward_cuda_half(dtype):
+    """rational_backward in the half types: grad_x elementwise, the coefficient gradients summed
+    over 4099 elements in fp32 and rounded once."""
+    g = torch.Generator().manual_seed(12)
+    x = torch.randn(4099, generator=g).to(dtype)
+    num = (torch.tensor(GELU_NUM) + 0.02 * torch.randn(6, generator=g)).to(dtype)
+    den = (torch.tensor(GELU_DEN) + 0.02 * torch.randn(4, generator=g)).to(dtype)
+    _compare_devices(pedro_ext.rational, [x, num, den], [torch.randn(4099, generator=g).to(dtype)],
+                     dtype, ref_fn=ref.rational)
 
 
 # ----------------------------------------------------------------------- graphs, big banks
@@ -400,6 +480,80 @@ def test_generate_backward_cuda_beyond_the_grid_y_limit():
     ref.generate(pooled.double(), ids, *ref_leaves).backward(gv.double())
     for a, e in zip(leaves, ref_leaves):
         assert_close(a.grad, e.grad, torch.float32, "grad")
+
+
+def _against_reference_with_grads(fn, ref_fn, inputs, grad, dtype):
+    leaves = [t.clone().requires_grad_() for t in inputs]
+    out = fn(*leaves)
+    out.backward(grad)
+    ref_leaves = [t.detach().to("cpu", torch.float64, copy=True).requires_grad_() for t in inputs]
+    exp = ref_fn(*ref_leaves)
+    exp.backward(grad.double().cpu())
+    assert_close(out, exp, dtype, "output")
+    for i, (a, e) in enumerate(zip(leaves, ref_leaves)):
+        assert_close(a.grad, e.grad, dtype, f"grad {i}")
+
+
+def test_modulate_and_act_mul_cuda_grid_stride_wrap_around():
+    """(1, 8192, 4096) float32: more warp units than the grid has warps (the forward loops), more
+    elements than the backward's threads, 8192 rows in 64 shares for the vector gradient."""
+    b, t, big_d = 1, 8192, 4096
+    warps = torch.cuda.get_device_properties(0).multi_processor_count * 32 * 8
+    assert b * t * (big_d // 512) > warps, "the case no longer reaches the grid-stride loop"
+    x, up = torch.randn(b, t, big_d, device="cuda"), torch.randn(b, t, big_d, device="cuda")
+    v, grad = torch.randn(b, big_d, device="cuda"), torch.randn(b, t, big_d, device="cuda")
+    _against_reference_with_grads(pedro_ext.modulate, ref.modulate, [x, v], grad, torch.float32)
+    _against_reference_with_grads(lambda g, u, w: pedro_ext.act_mul_modulate(g, u, w),
+                                  lambda g, u, w: ref.act_mul_modulate(g, u, w), [x * 3, up, v], grad,
+                                  torch.float32)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("layout", ["aligned", "odd_row_stride"])
+def test_vector_grads_cuda_16_byte_path_and_row_splits(dtype, layout):
+    """The vector gradients of modulate and act_mul_modulate against the reference: 3 requests of
+    ~1000 packed rows (16 shares each); D = 1024 with every row 16-byte aligned (the 16-byte
+    loads), or rows 1025 elements apart (aligned base pointer, scalar loads)."""
+    s, b, big_d = 3000, 3, 1024
+    g = torch.Generator().manual_seed(13)
+    seq = torch.randint(0, b, (s,), generator=g).cuda()
+    pad = 0 if layout == "aligned" else 1
+
+    # the bases are the wide tensors, sliced after the helper clones them (a clone of a slice
+    # would be contiguous)
+    def wide(scale=1.0):
+        return (torch.randn(s, big_d + pad, device="cuda") * scale).to(dtype)
+
+    def cols(z):
+        return z[:, :big_d]
+
+    gate, up = wide(3.0), wide()
+    grad = torch.randn(s, big_d, device="cuda").to(dtype)
+    v = (torch.randn(b, big_d, device="cuda") * 0.5 + 1).to(dtype)
+    seq_cpu = seq.cpu()
+    _views_against_reference(lambda a, c: pedro_ext.modulate(a, c, seq),
+                             lambda a, c: ref.modulate(a, c, seq_cpu),
+                             [up, v], [cols, _same], [grad], dtype)
+    _views_against_reference(lambda a, u, c: pedro_ext.act_mul_modulate(a, u, c, seq, "gelu_tanh"),
+                             lambda a, u, c: ref.act_mul_modulate(a, u, c, seq_cpu, "gelu_tanh"),
+                             [gate, up, v], [cols, cols, _same], [grad], dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_vector_grads_cuda_beyond_the_grid_y_limit(dtype):
+    """D above 65535 tiles of 32 x 16 bytes (8.4M float32 / 4.2M float64 columns): the vector
+    gradient's blocks loop over column tiles, so every D the forward takes has a backward."""
+    tile = 32 * 16 // torch.empty((), dtype=dtype).element_size()
+    big_d = 65535 * tile + 300
+    x = torch.randn(2, 1, big_d, device="cuda", dtype=dtype)
+    v = torch.randn(2, big_d, device="cuda", dtype=dtype)
+    grad = torch.randn(2, 1, big_d, device="cuda", dtype=dtype)
+    _against_reference_with_grads(pedro_ext.modulate, ref.modulate, [x, v], grad, dtype)
+    del x
+    gate, up = torch.randn(1, 1, big_d, device="cuda", dtype=dtype), torch.randn(1, 1, big_d, device="cuda", dtype=dtype)
+    _against_reference_with_grads(lambda a, u, c: pedro_ext.act_mul_modulate(a, u, c),
+                                  lambda a, u, c: ref.act_mul_modulate(a, u, c),
+                                  [gate, up, v[:1]], grad[:1], dtype)
 
 
 # ----------------------------------------------------------------------- ids, syncs, devices
@@ -523,3 +677,50 @@ def test_generate_backward_cuda_refuses_a_cpu_grad():
     with pytest.raises(ValueError, match="grad is on cpu but pooled is on cuda"):
         torch.ops.pedro_ext.generate_backward(torch.randn(2, 16), pooled, ids, *bank_args(bank)[:5])
     torch.cuda.synchronize()
+
+
+# ----------------------------------------------------------------------- determinism
+# Last in the file: the heaviest test, so a -x run (gpu_check.sh's sanitizer subset) meets the
+# cheap ones first.
+def _twice(fn):
+    return [fn() for _ in range(2)]
+
+
+def test_backward_is_bitwise_deterministic_cuda():
+    bank = make_bank(8, 512, 16, 2048, dtype=torch.bfloat16, device="cuda")
+    pooled = torch.randn(256, 512, device="cuda", dtype=torch.bfloat16)
+    ids = torch.randint(0, 8, (256,), device="cuda")  # many requests share each adapter
+    x = torch.randn(256, 4, 2048, device="cuda", dtype=torch.bfloat16)
+    gy = torch.randn_like(x)
+
+    def fused():
+        leaves = [t.clone().requires_grad_() for t in [x, pooled, *bank_args(bank)]]
+        y, _ = pedro_ext.generate_and_modulate(leaves[0], leaves[1], ids, *leaves[2:])
+        y.backward(gy)
+        return [t.grad for t in leaves]
+
+    seq = torch.randint(0, 4, (5000,), device="cuda")  # ~1250 rows per request: many shares
+    g, u = torch.randn(5000, 1536, device="cuda"), torch.randn(5000, 1536, device="cuda")
+    v = torch.randn(4, 1536, device="cuda")
+    gout = torch.randn(5000, 1536, device="cuda")
+
+    def act_mul():
+        leaves = [t.clone().requires_grad_() for t in (g, u, v)]
+        pedro_ext.act_mul_modulate(leaves[0], leaves[1], leaves[2], seq, "gelu_tanh").backward(gout)
+        return [t.grad for t in leaves]
+
+    def packed_modulate():
+        leaves = [t.clone().requires_grad_() for t in (u, v)]
+        pedro_ext.modulate(leaves[0], leaves[1], seq).backward(gout)
+        return [t.grad for t in leaves]
+
+    xr = torch.randn(500_000, device="cuda")
+    num, den = torch.randn(6, device="cuda"), torch.randn(4, device="cuda")
+
+    def rational():
+        return list(torch.ops.pedro_ext.rational_backward(xr, xr.sin(), num, den))
+
+    for fn in (fused, act_mul, packed_modulate, rational):
+        first, second = _twice(fn)
+        for a, b in zip(first, second):
+            assert torch.equal(a, b), fn.__name__

@@ -4,7 +4,6 @@
 // on the number of threads. Rows with an invalid seq id follow the rule in pedro.h.
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
-#include <ATen/MemoryOverlap.h>
 #include <torch/library.h>
 
 #include <limits>
@@ -207,12 +206,11 @@ Tensor modulate_backward_x_cpu(const Tensor& grad, const Tensor& vectors,
                                /*check_ids=*/false, 0.0);
 }
 
-void modulate_inplace_cpu(const Tensor& x, const Tensor& vectors,
+void modulate_inplace_cpu(const Tensor& x, const Tensor& vectors_in,
                           const std::optional<Tensor>& seq_ids, bool check_ids) {
   const char* op = "pedro_ext.modulate_";
-  const ModulateSizes s = check_modulate_args(op, x, vectors, seq_ids);
-  at::assert_no_internal_overlap(x);
-  at::assert_no_overlap(x, vectors);
+  const ModulateSizes s = check_modulate_args(op, x, vectors_in, seq_ids);
+  const Tensor vectors = vectors_for_inplace(op, x, vectors_in);
   if (row_stride(x) < 0) {  // rows not evenly spaced: compute aside, then copy back
     x.copy_(modulate_cpu(x, vectors, seq_ids, check_ids));
     return;

@@ -129,7 +129,7 @@ __global__ void expand_kernel(const at::opmath_type<T>* z, const I* ids, const T
                               const T* den, const T* wu, const T* bu, BankView bv, T* vectors,
                               const T* x, int64_t xs, T* y, RowGroups rows) {
   using acc_t = at::opmath_type<T>;
-  extern __shared__ unsigned char smem_raw[];
+  extern __shared__ __align__(16) unsigned char smem_raw[];  // read as acc_t (double)
   acc_t* h = reinterpret_cast<acc_t*>(smem_raw);
   __shared__ Pack<T> vtile_packed[kTile / Pack<T>::kSize];
   T* vtile = reinterpret_cast<T*>(vtile_packed);
@@ -191,7 +191,7 @@ __global__ void backward_request_kernel(const at::opmath_type<T>* z, const I* id
                                         at::opmath_type<T>* gz_out, at::opmath_type<T>* gc_out,
                                         T* grad_pooled) {
   using acc_t = at::opmath_type<T>;
-  extern __shared__ unsigned char smem_raw[];
+  extern __shared__ __align__(16) unsigned char smem_raw[];  // read as acc_t (double)
   acc_t* gh = reinterpret_cast<acc_t*>(smem_raw);
   acc_t* gz = gh + bv.r;
   __shared__ acc_t red[kWarps][2 * kMaxCoefCuda];

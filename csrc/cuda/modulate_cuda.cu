@@ -3,7 +3,6 @@
 //              row's pointers share their alignment, scalar otherwise; rows may be strided
 //   backward:  elementwise kernels for the inputs; the per-request vector gradient is a fixed-
 //              order reduction (see request_sum_kernel), so it is bitwise reproducible on any GPU
-#include <ATen/MemoryOverlap.h>
 #include <c10/cuda/CUDAMathCompat.h>
 #include <torch/library.h>
 
@@ -189,36 +188,43 @@ struct ActMulTerm {  // grad * act(gate) * up
 };
 
 // partial[z, b, c] = sum of term(row, c) over the z-th of gridDim.z equal shares of request b's
-// rows. Block (b, 32 V-column tile, z): lane l owns columns l V .. l V + V - 1 of the tile,
-// warp w the rows w, w + 8, ... of the share; the 8 warp sums are added in warp order. The
-// partition depends on the sizes only, so the result is the same on every run and every GPU.
+// rows. Block (b, y, z) takes the 32 V-column tiles y, y + gridDim.y, ... (any D fits the grid);
+// in a tile lane l owns columns l V .. l V + V - 1, warp w the rows w, w + 8, ... of the share,
+// and the 8 warp sums are added in warp order. The partition depends on the sizes only, so the
+// result is the same on every run and every GPU.
 template <typename T, typename Term>
 __global__ void request_sum_kernel(Term term, RowGroups rows, int64_t D,
                                    at::opmath_type<T>* partial) {
   using acc_t = at::opmath_type<T>;
   constexpr int V = Pack<T>::kSize;
   constexpr int kTileCols = 32 * V;
+  // red[w][e * 32 + l] holds column l V + e of warp w: lanes store to (and threads read from)
+  // consecutive words, free of bank conflicts
   __shared__ acc_t red[kWarps][kTileCols];
   const int64_t b = blockIdx.x;
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
-  const int64_t tile0 = (int64_t)blockIdx.y * kTileCols;
   const int64_t q0 = rows.begin(b), q1 = rows.end(b);
   const int64_t per = (q1 - q0 + gridDim.z - 1) / gridDim.z;
   const int64_t s0 = q0 + (int64_t)blockIdx.z * per;
   const int64_t s1 = min(q1, s0 + per);
-  acc_t acc[V];
+  for (int64_t tile0 = (int64_t)blockIdx.y * kTileCols; tile0 < D;
+       tile0 += (int64_t)gridDim.y * kTileCols) {  // uniform over the block
+    acc_t acc[V];
 #pragma unroll
-  for (int e = 0; e < V; ++e) acc[e] = acc_t(0);
-  const int64_t c = tile0 + (int64_t)lane * V;
-  if (c < D)
-    for (int64_t q = s0 + warp; q < s1; q += kWarps) term.add(rows.row(q), c, acc);
+    for (int e = 0; e < V; ++e) acc[e] = acc_t(0);
+    const int64_t c = tile0 + (int64_t)lane * V;
+    if (c < D)
+      for (int64_t q = s0 + warp; q < s1; q += kWarps) term.add(rows.row(q), c, acc);
 #pragma unroll
-  for (int e = 0; e < V; ++e) red[warp][lane * V + e] = acc[e];
-  __syncthreads();
-  for (int t = threadIdx.x; t < kTileCols; t += kThreads) {
-    acc_t s = 0;
-    for (int w = 0; w < kWarps; ++w) s += red[w][t];
-    if (tile0 + t < D) partial[((int64_t)blockIdx.z * rows.groups + b) * D + tile0 + t] = s;
+    for (int e = 0; e < V; ++e) red[warp][e * 32 + lane] = acc[e];
+    __syncthreads();
+    for (int t = threadIdx.x; t < kTileCols; t += kThreads) {
+      acc_t s = 0;
+      for (int w = 0; w < kWarps; ++w) s += red[w][t];
+      const int64_t col = tile0 + (t % 32) * V + t / 32;
+      if (col < D) partial[((int64_t)blockIdx.z * rows.groups + b) * D + col] = s;
+    }
+    __syncthreads();  // red is rewritten by the next tile
   }
 }
 
@@ -238,7 +244,7 @@ void launch_request_sum(const char* op, const Term& term, const ModulateSizes& s
   std::tuple<Tensor, Tensor> keep;
   const RowGroups rows = row_groups(s, seq_ids, keep);
   const int64_t splits = row_splits(s);
-  const dim3 grid = checked_grid(op, s.B, ceil_div(s.D, 32 * V), splits);
+  const dim3 grid = checked_grid(op, s.B, std::min(ceil_div(s.D, 32 * V), kMaxGridYZ), splits);
   Tensor partial = acc_empty(out, {splits, s.B, s.D});
   request_sum_kernel<T, Term><<<grid, kThreads, 0, stream>>>(term, rows, s.D,
                                                              partial.data_ptr<at::opmath_type<T>>());
@@ -320,13 +326,12 @@ Tensor modulate_backward_x_cuda(const Tensor& grad, const Tensor& vectors,
                                /*check_ids=*/false, 0.0);
 }
 
-void modulate_inplace_cuda(const Tensor& x, const Tensor& vectors,
+void modulate_inplace_cuda(const Tensor& x, const Tensor& vectors_in,
                            const std::optional<Tensor>& seq_ids, bool check_ids) {
   const char* op = "pedro_ext.modulate_";
-  const ModulateSizes s = check_modulate_args(op, x, vectors, seq_ids);
-  at::assert_no_internal_overlap(x);
-  at::assert_no_overlap(x, vectors);
+  const ModulateSizes s = check_modulate_args(op, x, vectors_in, seq_ids);
   c10::cuda::CUDAGuard guard(x.device());
+  const Tensor vectors = vectors_for_inplace(op, x, vectors_in);
   if (row_stride(x) < 0) {  // rows not evenly spaced: compute aside, then copy back
     x.copy_(modulate_cuda(x, vectors, seq_ids, check_ids));
     return;

@@ -3,7 +3,7 @@ import json
 import os
 import platform
 import time
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 from tqdm.auto import tqdm
@@ -11,8 +11,13 @@ from tqdm.auto import tqdm
 import pedro_ext
 
 from .kernel_bench import KernelBench
+from .model_bench import METHODS as MODEL_METHODS
 from .model_bench import ModelBench
 from .presets import Preset
+from .sanity import READ_OVER_COPY, flag_rows
+from .timing import copy_bandwidth_gbs
+
+COPY_BYTES = 256 * 2 ** 20  # well above any cache, so the copy runs from memory
 
 
 def machine_info(device: torch.device) -> dict:
@@ -25,6 +30,10 @@ def machine_info(device: torch.device) -> dict:
         info["cuda"] = torch.version.cuda
     else:
         info["device_name"] = _cpu_name()
+    try:
+        info["load_average_at_start"] = list(os.getloadavg())
+    except OSError:
+        pass
     return info
 
 
@@ -40,28 +49,60 @@ def _cpu_name() -> str:
 
 
 def run(preset: Preset, device: torch.device, out_dir: Optional[str] = None,
-        cuda_graph: bool = False, levels=("kernel", "model"), progress: bool = True) -> dict:
+        cuda_graph: bool = False, levels=("kernel", "model"), progress: bool = True,
+        model_mode: str = "eager", model_methods: Sequence[str] = MODEL_METHODS) -> dict:
+    """Every row of the result carries its spread and its flags; refused figures are None with
+    the reason in the row and in summary["messages"]. bench.json is written after each level,
+    so a run cut short keeps what it measured."""
     t0 = time.time()
+    machine = machine_info(device)
+    dtype = getattr(torch, preset.dtype)
+    es = torch.empty(0, dtype=dtype).element_size()
+    copy_gbs = copy_bandwidth_gbs(COPY_BYTES // es, dtype, device, 2, 10)
     kb = KernelBench(preset, device, cuda_graph) if "kernel" in levels else None
-    mb = ModelBench(preset, device) if "model" in levels else None
+    mb = ModelBench(preset, device, model_mode, model_methods) if "model" in levels else None
     total = (kb.count() if kb else 0) + (mb.count() if mb else 0)
     rows = []
-    summary = dict(preset=preset.name, dtype=preset.dtype)
+    summary = dict(preset=preset.name, dtype=preset.dtype, copy_gbs=copy_gbs,
+                   read_over_copy=READ_OVER_COPY, messages=[])
+    result = dict(machine=machine, preset=preset.__dict__, summary=summary, rows=rows)
     with tqdm(total=total, desc=f"pedro_ext.bench[{preset.name}]", disable=not progress) as bar:
         if kb:
+            kb.copy_gbs = copy_gbs
             rows += kb.rows(bar)
             summary["modulate_bandwidth"] = kb.modulate_bandwidth()
+            summary["messages"] += kb.messages
+            _finish(result, t0, out_dir, plot=False)
         if mb:
+            mb.copy_gbs = copy_gbs
+            summary.update(model_mode=model_mode, pedro_params_per_adapter=mb.pedro_params,
+                           lora_rank=mb.lora_rank, lora_params_per_adapter=mb.lora_params,
+                           lora_targets=["q_proj", "v_proj"], model=_model_info(preset, mb))
             rows += mb.rows(bar)
-            summary.update(pedro_params_per_adapter=mb.pedro_params, lora_rank=mb.lora_rank,
-                           lora_params_per_adapter=mb.lora_params,
-                           lora_targets=["q_proj", "v_proj"], model=dict(preset.model))
-    summary["wall_s"] = time.time() - t0
-    result = dict(machine=machine_info(device), preset=preset.__dict__, summary=summary, rows=rows)
+            summary["messages"] += mb.messages
+    return _finish(result, t0, out_dir, plot=True)
+
+
+def _model_info(preset: Preset, mb: ModelBench) -> dict:
+    c = mb.config
+    return dict(source=preset.model_source,
+                name=getattr(c, "_name_or_path", "") if preset.model_source != "random" else
+                "random-weight Llama", hidden_size=c.hidden_size,
+                intermediate_size=c.intermediate_size, num_hidden_layers=c.num_hidden_layers,
+                num_attention_heads=c.num_attention_heads,
+                num_key_value_heads=c.num_key_value_heads, vocab_size=c.vocab_size,
+                weight_bytes_per_step=mb.weight_bytes, build_s=mb.model_build_s,
+                bank=preset.model_bank)
+
+
+def _finish(result: dict, t0: float, out_dir: Optional[str], plot: bool) -> dict:
+    flag_rows(result["rows"])
+    result["summary"]["wall_s"] = time.time() - t0
     if out_dir:
-        from .report import plot
         os.makedirs(out_dir, exist_ok=True)
         with open(os.path.join(out_dir, "bench.json"), "w") as f:
             json.dump(result, f, indent=1, default=str)
-        plot(result, os.path.join(out_dir, "bench.png"))
+        if plot:
+            from .report import plot as draw
+            draw(result, os.path.join(out_dir, "bench.png"))
     return result

@@ -4,7 +4,7 @@
 # compute-sanitizer memcheck and racecheck on a short subset, runs the GPU benchmark, and writes
 # summary.json + logs to bench/results/<gpu name>/ (and copies them to $OUT when that is set).
 # Fails when torch sees no GPU. Budget: under 8 minutes on an H100, build included.
-#   device run:  bash bench/gpu_check.sh        env: BENCH_ARGS (default "--quick"), SKIP_BENCH=1
+#   device run:  bash bench/gpu_check.sh        env: BENCH_ARGS (default "--quick"; BENCH_ARGS="" runs the full gpu preset), SKIP_BENCH=1
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1 MAX_JOBS="$(nproc)" NVCC_THREADS=4
@@ -45,7 +45,7 @@ PYTORCH_NO_CUDA_MEMORY_CACHING=1 step memcheck 120 "$RES/memcheck.log" "${SAN[@]
 step racecheck 120 "$RES/racecheck.log" "${SAN[@]}" --tool racecheck --racecheck-report all "${PYTEST[@]}" "${SUBSET[@]}"
 if [ "${SKIP_BENCH:-0}" != 1 ]; then
   # shellcheck disable=SC2086
-  step bench 150 "$RES/bench.log" python3 -m pedro_ext.bench --preset gpu --device cuda ${BENCH_ARGS:---quick} --out "$RES"
+  step bench 150 "$RES/bench.log" python3 -m pedro_ext.bench --preset gpu --device cuda ${BENCH_ARGS---quick} --out "$RES"
 fi
 
 python3 - "$RES" "$TMP/tests.xml" "$GPU" "${steps[@]}" <<'PY'

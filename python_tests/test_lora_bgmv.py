@@ -55,10 +55,24 @@ def check_against_reference(device: str, dtypes=(torch.float32, torch.float16, t
             assert torch.equal(again, got), f"{what}: not deterministic"
 
 
+def check_op_registration(device: str):
+    """Schema, fake kernel and AOT dispatch (opcheck), and one fullgraph torch.compile."""
+    from pedro_ext.bench.lora_bgmv import lora_bgmv
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(4, 40, generator=g), torch.randn(4, 24, generator=g)
+    a, b = torch.randn(3, 40, 8, generator=g), torch.randn(3, 8, 24, generator=g)
+    x, y, a, b = (t.to(device) for t in (x, y, a, b))
+    ids = torch.tensor([0, -1, 2, 2], device=device)
+    torch.library.opcheck(torch.ops.pedro_ext_bench.lora_bgmv_, (y, x, a, b, ids, 1, 0.5))
+    compiled = torch.compile(lambda x, y: lora_bgmv(x, y, a, b, ids, 0.5) * 1.0,
+                             backend="aot_eager", fullgraph=True)
+    assert torch.equal(compiled(x, y.clone()), lora_bgmv(x, y.clone(), a, b, ids, 0.5))
+
+
 def test_bgmv_interpreted_on_cpu_matches_float64():
     env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=os.pathsep.join([ROOT, HERE]))
     code = ("import torch, test_lora_bgmv as t; "
-            "t.check_against_reference('cpu'); print('OK')")
+            "t.check_against_reference('cpu'); t.check_op_registration('cpu'); print('OK')")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True,
                          text=True, timeout=600)
     assert out.returncode == 0 and "OK" in out.stdout, out.stderr[-4000:]
@@ -67,6 +81,7 @@ def test_bgmv_interpreted_on_cpu_matches_float64():
 @requires_cuda
 def test_bgmv_compiled_on_cuda_matches_float64():
     check_against_reference("cuda")
+    check_op_registration("cuda")
 
 
 @requires_cuda

@@ -185,8 +185,9 @@ class KernelBench:
 
     def _time(self, row, method, total, adapter_only, floor):
         graph = self.cuda_graph and self.device.type == "cuda" and method != "lora_peft"
-        t = measure(total, self.device, self.p.warmup, self.p.repeats, graph)
-        a = measure(adapter_only, self.device, self.p.warmup, self.p.repeats, graph) \
+        budget = self.p.measure_budget_ms
+        t = measure(total, self.device, self.p.warmup, self.p.repeats, graph, budget)
+        a = measure(adapter_only, self.device, self.p.warmup, self.p.repeats, graph, budget) \
             if adapter_only else None
         row.update(mode="cuda_graph" if graph else "eager", cuda_graph=graph,
                    **_stats_fields(t, ""), **(_stats_fields(a, "adapter_") if a else {}))

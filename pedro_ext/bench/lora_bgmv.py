@@ -59,7 +59,8 @@ def unavailable_reason(device) -> Optional[str]:
 
 
 if triton is not None:
-    @triton.jit
+    # sizes are runtime values: one compiled kernel per (dtype, rank block), not one per shape
+    @triton.jit(do_not_specialize=["K", "R", "rows_per_id", "n_adapters", "k_per_split"])
     def _shrink_kernel(x_ptr, a_ptr, ids_ptr, part_ptr, K, R, rows_per_id, n_adapters,
                        k_per_split, stride_xm, stride_an, stride_ak, stride_ar, stride_ps,
                        stride_pm, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr):
@@ -84,7 +85,7 @@ if triton is not None:
             acc += tl.sum(x[:, None] * a, axis=0)
         tl.store(part_ptr + split * stride_ps + row * stride_pm + offs_r, acc, mask=r_ok)
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["N_OUT", "R", "rows_per_id", "n_adapters", "n_splits"])
     def _expand_kernel(part_ptr, b_ptr, ids_ptr, y_ptr, N_OUT, R, rows_per_id, n_adapters,
                        n_splits, scale, stride_ps, stride_pm, stride_bn, stride_br, stride_bo,
                        stride_ym, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
@@ -187,7 +188,7 @@ def lora_bgmv_impl(y: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.T
     _expand_kernel[(m, col_blocks)](part, b, ids, y, out, r, rows_per_id, n, splits, float(scale),
                                     part.stride(0), part.stride(1), b.stride(0), b.stride(1),
                                     b.stride(2), y.stride(0), BLOCK_N=block_n, BLOCK_R=block_r,
-                                    BLOCK_S=max(2, _next_pow2(splits)))
+                                    BLOCK_S=MAX_SPLITS)
 
 
 _lib = torch.library.Library("pedro_ext_bench", "DEF")

@@ -219,9 +219,12 @@ class ModelBench:
             def cfg():
                 return peft.LoraConfig(r=self.lora_rank, lora_alpha=2 * self.lora_rank,
                                        target_modules=LORA_TARGETS, init_lora_weights=False)
-            peft_model = peft.get_peft_model(model, cfg(), adapter_name=names[0])
+            # adapters in the model's dtype, like every other method (peft's default would
+            # keep them in fp32 under a half-precision model and cast x at every call)
+            peft_model = peft.get_peft_model(model, cfg(), adapter_name=names[0],
+                                             autocast_adapter_dtype=False)
             for name in names[1:]:
-                peft_model.add_adapter(name, cfg())
+                peft_model.add_adapter(name, cfg(), autocast_adapter_dtype=False)
             peft_model.eval()
             return lambda batch, **kw: peft_model.generate(adapter_names=names[:batch], **kw)
         if method in ("lora_bmm", "lora_bgmv"):

@@ -28,6 +28,7 @@ class Preset:
     pedro_r: int
     repeats: int
     warmup: int
+    measure_budget_ms: float = 2000.0  # a slow call gets fewer repeats (never under 5)
     # model level
     model: dict = field(default_factory=dict)  # LlamaConfig fields of a random model
     model_source: str = "random"  # "random" or "smollm2" (real weights, `model` unused)
@@ -60,7 +61,7 @@ PRESETS = {
     "gpu": Preset(
         name="gpu", dtype="bfloat16", d=4096, outs=(4096, 4096, 11008), bank=256,
         batches=(1, 8, 32, 128, 256), ranks=(8, 16, 64), prompt_len=128, pedro_r=12,
-        repeats=30, warmup=5,
+        repeats=20, warmup=3, measure_budget_ms=300.0,
         model=dict(LLAMA7B, num_hidden_layers=GPU_MODEL_LAYERS),
         model_batches=(1, 8, 32, 64), model_prompt_len=128, model_new_tokens=33,
         model_rounds=3),

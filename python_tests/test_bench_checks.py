@@ -1,19 +1,14 @@
 """The benchmark's own machinery: spread statistics, the per-step clock, the sanity checks that
 refuse impossible figures, outlier flags, and the README generator (every figure from the json)."""
-import json
-import os
-import re
 import time
 
 import pytest
 import torch
 
 from pedro_ext.bench import PRESETS
-from pedro_ext.bench.report import README_BEGIN, README_END, console_report, markdown
+from pedro_ext.bench.report import console_report
 from pedro_ext.bench.sanity import MIN_MS, flag_rows, refusal, weight_floor_ms
 from pedro_ext.bench.timing import Stats, StepClock
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_stats_median_and_quartiles():
@@ -101,3 +96,10 @@ def test_model_bench_refuses_a_step_faster_than_reading_the_weights():
     flag_rows(rows)
     text = console_report(result)
     assert text.count("REFUSED") >= 4 and "faster than reading the weights" in text
+
+
+def test_time_limit_stops_new_configurations_and_says_so():
+    from pedro_ext.bench.kernel_bench import KernelBench
+    kb = KernelBench(PRESETS["tiny"], torch.device("cpu"))
+    assert kb.rows(deadline=time.time() - 1) == []
+    assert any("stopped at the time limit after 0 of" in m for m in kb.messages)

@@ -114,7 +114,8 @@ def test_bgmv_bad_input_raises_with_the_argument_named():
              ((y, x, a, b, ids.int(), 1), "int64"),
              ((y, x, a, b, ids, 2), "rows_per_id"),
              ((y, x, a.double(), b, ids, 1), "dtype"),
-             ((y.t(), x.t(), a, b, ids, 1), "shape")]
+             ((y.t(), x.t(), a, b, ids, 1), "shape"),
+             ((y, x, a, b, torch.tensor([0, 9, 2])[::2], 1), "contiguous")]
     for args, msg in cases:
         with pytest.raises(ValueError, match=msg):
             torch.ops.pedro_ext_bench.lora_bgmv_(*args, 1.0)

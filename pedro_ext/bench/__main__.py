@@ -1,5 +1,5 @@
 """python -m pedro_ext.bench [--quick] [--preset cpu|gpu|tiny] [--device cpu|cuda] [--out DIR]
-[--compile] [--cuda-graph] [--methods ...] [--batches ...]"""
+[--compile] [--cuda-graph] [--methods ...] [--batches ...] [--time-limit SECONDS]"""
 import argparse
 import time
 
@@ -33,6 +33,9 @@ def main(argv=None):
     ap.add_argument("--batches", nargs="+", type=int, default=None,
                     help="model-level batch sizes (default: the preset's)")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    ap.add_argument("--time-limit", type=float, default=None, metavar="SECONDS",
+                    help="start no new batch size / configuration after this many seconds "
+                         "(what was measured is kept and the cut is reported)")
     args = ap.parse_args(argv)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -54,7 +57,7 @@ def main(argv=None):
     if "base" not in args.methods:
         ap.error("--methods must include base (every ratio is to it)")
     result = run(preset, device, args.out, args.cuda_graph, levels, model_mode=mode,
-                 model_methods=args.methods)
+                 model_methods=args.methods, time_limit_s=args.time_limit)
     print(console_report(result))
     print(f"\nwall time: {time.time() - t0:.1f} s (benchmark {result['summary']['wall_s']:.1f} s)")
 

@@ -7,6 +7,7 @@ lora_bgmv (the fused Triton kernels) runs only where Triton can (a CUDA device);
 skipped with the reason printed, and before it is timed its output is checked against
 lora_bmm's on the same inputs."""
 import math
+import time
 from typing import Dict, List, Optional
 
 import torch
@@ -134,7 +135,10 @@ class KernelBench:
         s, scale = sets[0], 2.0
         for y, (a, b) in zip(s["ys"], self.lora_bank(r)):
             want = lora_bmm(s["x"], y, a, b, s["idx"], scale).float()
-            got = lora_bgmv(s["x"], y.clone(), a, b, s["idx"], scale).float()
+            try:
+                got = lora_bgmv(s["x"], y.clone(), a, b, s["idx"], scale).float()
+            except Exception as e:
+                return f"lora_bgmv failed: {type(e).__name__}: {str(e)[:300]}"
             err = ((got - want).abs().max() / want.abs().max().clamp(min=1e-6)).item()
             if not err <= AGREE_TOL[self.dtype]:
                 return f"lora_bgmv disagrees with lora_bmm (max error {err:.3g} of the output's scale)"
@@ -148,14 +152,19 @@ class KernelBench:
         adapters = 1 if method == "lora_single" else distinct
         return act + adapters * sum(r * (d + o) for o in outs) * es
 
-    def rows(self, progress=None) -> List[dict]:
+    def rows(self, progress=None, deadline: Optional[float] = None) -> List[dict]:
+        """deadline (time.time()): no new configuration starts after it."""
         out = []
         plan = [(phase, b, k) for phase in ("decode", "prefill") for b in self.p.batches
                 for k in distinct_counts(b)]
         if self.bgmv_skip:
             self.messages.append(f"kernel level: lora_bgmv skipped: {self.bgmv_skip}")
         floor = weight_floor_ms(self.p.d * sum(self.p.outs) * self.es, self.copy_gbs)
-        for phase, batch, distinct in plan:
+        for done, (phase, batch, distinct) in enumerate(plan):
+            if deadline is not None and time.time() > deadline:
+                self.messages.append(f"kernel level: stopped at the time limit after {done} of "
+                                     f"{len(plan)} configurations")
+                break
             tokens = 1 if phase == "decode" else self.p.prompt_len
             sets = self._inputs(batch, tokens, distinct)
             measured = {}
@@ -175,7 +184,13 @@ class KernelBench:
                         self.messages.append(f"kernel {phase} B={batch} distinct={distinct} "
                                              f"r={r}: REFUSED {bad_bgmv}")
                     else:
-                        self._time(row, method, total, adapter_only, floor)
+                        try:
+                            self._time(row, method, total, adapter_only, floor)
+                        except Exception as e:  # one method's failure must not end the run
+                            row.update(median_ms=None, adapter_ms=None,
+                                       error=f"{type(e).__name__}: {str(e)[:300]}")
+                            self.messages.append(f"kernel {phase} B={batch} {method}: ERROR "
+                                                 f"{row['error']}")
                     measured[(method, r)] = row
                     out.append(row)
                     if progress is not None:

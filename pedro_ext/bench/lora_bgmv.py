@@ -146,8 +146,8 @@ def _check(y, x, a, b, ids, rows_per_id):
     if len({t.device for t in (x, y, a, b, ids)}) != 1:
         fail("x, y, a, b and ids must be on one device, got "
              f"{[str(t.device) for t in (x, y, a, b, ids)]}")
-    if x.stride(1) != 1 or y.stride(1) != 1:
-        fail("x and y need unit stride along their last dimension")
+    if x.stride(1) != 1 or y.stride(1) != 1 or (ids.numel() > 1 and ids.stride(0) != 1):
+        fail("x and y need unit stride along their last dimension, ids a contiguous vector")
     if m > _GRID_X_MAX:
         fail(f"{m} rows exceed the launch grid's limit of {_GRID_X_MAX}")
 

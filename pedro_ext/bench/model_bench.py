@@ -267,7 +267,8 @@ class ModelBench:
     def count(self) -> int:
         return len(self.p.model_batches) * len(self.methods) * (1 + self.p.model_rounds)
 
-    def rows(self, progress=None) -> List[dict]:
+    def rows(self, progress=None, deadline: Optional[float] = None) -> List[dict]:
+        """deadline (time.time()): no new batch size starts after it."""
         setups: Dict[str, Method] = {}
         errors: Dict[str, str] = {}
         for method in self.methods:
@@ -276,7 +277,11 @@ class ModelBench:
             except Exception as e:  # reported, and the other methods still run
                 errors[method] = f"set-up failed: {type(e).__name__}: {e}"
         out = []
-        for batch in self.p.model_batches:
+        for done, batch in enumerate(self.p.model_batches):
+            if deadline is not None and time.time() > deadline:
+                self.messages.append(f"model level: stopped at the time limit after batch sizes "
+                                     f"{list(self.p.model_batches[:done])}")
+                break
             out += self._batch_rows(batch, setups, dict(errors), progress)
         for method, reason in errors.items():
             self.messages.append(f"model level: {method}: {reason}")
@@ -293,7 +298,7 @@ class ModelBench:
             for method in methods[k:] + methods[:k]:
                 if method in errors:
                     continue
-                before = _dynamo_graphs()
+                before, skips_before = _dynamo_graphs(), _cudagraph_skips()
                 try:
                     warm = WARMUP_NEW_TOKENS if self.mode == "eager" else new
                     with torch.no_grad():
@@ -308,6 +313,8 @@ class ModelBench:
                         progress.update(1)
                 if rnd == 0:
                     graphs[method] = _dynamo_graphs() - before
+                    if _cudagraph_skips() != skips_before:
+                        graphs.setdefault("graph_skipped", set()).add(method)
                 else:
                     runs[method].append(intervals)
                     if _dynamo_graphs() != before:
@@ -336,6 +343,9 @@ class ModelBench:
                     row["recompiled_while_timed"] = True
                     row["warnings"].append("torch.compile recompiled during the timed rounds: "
                                            "the figure holds compilation time")
+                if "cuda_graph" in self.mode and method in graphs.get("graph_skipped", ()):
+                    row["warnings"].append("CUDA graphs were skipped for part of the decode step "
+                                           "(torch's cudagraph_skips counter rose in warm-up)")
                 if graphs.get(method) == 0 and batch == self.p.model_batches[0]:
                     row["warnings"].append("no graph was compiled in the warm-up round: the "
                                            "decode step may have run eagerly")
@@ -389,3 +399,8 @@ def _vs_base(row, runs, base_runs, per_round):
 def _dynamo_graphs() -> int:
     from torch._dynamo.utils import counters
     return int(counters["stats"]["unique_graphs"])
+
+
+def _cudagraph_skips() -> int:
+    from torch._dynamo.utils import counters
+    return int(counters["inductor"]["cudagraph_skips"])

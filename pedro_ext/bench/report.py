@@ -11,7 +11,7 @@ one carries a footnote with the reason."""
 import argparse
 import json
 import os
-from typing import Dict, List, Optional
+from typing import List, Optional
 
 METHOD_ORDER = ("base", "pedro", "pedro_reference", "lora_single", "lora_bmm", "lora_bgmv",
                 "lora_peft")

@@ -32,6 +32,15 @@ def test_step_clock_pairs_consecutive_calls():
     assert got[0] >= 20 and got[1] >= 5 and got[2] >= 40
 
 
+def test_weight_floor_takes_the_best_copy_at_the_weights_size():
+    from pedro_ext.bench.sanity import WeightFloor
+    floor = WeightFloor(4 * 2 ** 20, torch.float32, torch.device("cpu"))
+    floor.measure()
+    floor.measure()
+    assert len(floor.samples_gbs) == 2 and floor.copy_gbs == max(floor.samples_gbs) > 0
+    assert floor.ms == pytest.approx(4 * 2 ** 20 / (2 * floor.copy_gbs * 1e9) * 1e3)
+
+
 def test_refusal_of_impossible_figures():
     floor = weight_floor_ms(2 * 10 ** 9, 100.0)  # 2 GB at twice 100 GB/s: 10 ms
     assert floor == pytest.approx(10.0)
@@ -77,14 +86,16 @@ def test_flags_noisy_rows_and_faster_than_base():
     assert not rows[1]["flags"] and not rows[2]["flags"]
 
 
-def test_model_bench_refuses_a_step_faster_than_reading_the_weights():
+def test_model_bench_refuses_a_step_faster_than_reading_the_weights(monkeypatch):
     """End to end: with a copy bandwidth that makes reading the weights take longer than any
     step did, every figure is refused, printed as REFUSED, and None in the rows."""
+    from pedro_ext.bench import sanity
     from pedro_ext.bench.model_bench import ModelBench
+    monkeypatch.setattr(sanity, "copy_bandwidth_gbs", lambda *args, **kwargs: 1e-9)
     preset = PRESETS["tiny"].replace(model_batches=(2,), model_new_tokens=3)
     mb = ModelBench(preset, torch.device("cpu"), methods=("base", "pedro"))
-    mb.copy_gbs = 1e-9
     rows = mb.rows()
+    assert mb.floor.ms > 1e6
     assert len(rows) == 4 and all(r["median_ms"] is None and "faster than reading" in r["refused"]
                                   for r in rows)
     assert all("tokens_per_s_vs_base" not in r for r in rows)

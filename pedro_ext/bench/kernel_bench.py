@@ -18,7 +18,7 @@ import pedro_ext
 from .lora import lora_bmm, lora_peft, lora_single, row_groups
 from .lora_bgmv import check_ids, lora_bgmv, unavailable_reason
 from .presets import Preset
-from .sanity import refusal, weight_floor_ms
+from .sanity import WeightFloor, refusal
 from .timing import Stats, copy_bandwidth_gbs, measure
 
 ROTATE = 3
@@ -53,7 +53,7 @@ class KernelBench:
         self.lora_banks: Dict[int, list] = {}
         self.gen = g
         self.bgmv_skip = unavailable_reason(device)
-        self.copy_gbs: Optional[float] = None  # set by the runner: this run's copy bandwidth
+        self.floor = WeightFloor(preset.d * sum(preset.outs) * self.es, self.dtype, device)
         self.messages: List[str] = []
 
     def lora_bank(self, r):
@@ -154,12 +154,12 @@ class KernelBench:
 
     def rows(self, progress=None, deadline: Optional[float] = None) -> List[dict]:
         """deadline (time.time()): no new configuration starts after it."""
-        out = []
+        out, configs = [], []
         plan = [(phase, b, k) for phase in ("decode", "prefill") for b in self.p.batches
                 for k in distinct_counts(b)]
         if self.bgmv_skip:
             self.messages.append(f"kernel level: lora_bgmv skipped: {self.bgmv_skip}")
-        floor = weight_floor_ms(self.p.d * sum(self.p.outs) * self.es, self.copy_gbs)
+        self.floor.measure()
         for done, (phase, batch, distinct) in enumerate(plan):
             if deadline is not None and time.time() > deadline:
                 self.messages.append(f"kernel level: stopped at the time limit after {done} of "
@@ -185,7 +185,7 @@ class KernelBench:
                                              f"r={r}: REFUSED {bad_bgmv}")
                     else:
                         try:
-                            self._time(row, method, total, adapter_only, floor)
+                            self._time(row, method, total, adapter_only)
                         except Exception as e:  # one method's failure must not end the run
                             row.update(median_ms=None, adapter_ms=None,
                                        error=f"{type(e).__name__}: {str(e)[:300]}")
@@ -195,10 +195,15 @@ class KernelBench:
                     out.append(row)
                     if progress is not None:
                         progress.update(1)
+            configs.append(measured)
+        self.floor.measure()
+        for row in out:
+            self._refuse(row)
+        for measured in configs:
             self._ratios(measured)
         return out
 
-    def _time(self, row, method, total, adapter_only, floor):
+    def _time(self, row, method, total, adapter_only):
         graph = self.cuda_graph and self.device.type == "cuda" and method != "lora_peft"
         budget = self.p.measure_budget_ms
         t = measure(total, self.device, self.p.warmup, self.p.repeats, graph, budget)
@@ -206,18 +211,27 @@ class KernelBench:
             if adapter_only else None
         row.update(mode="cuda_graph" if graph else "eager", cuda_graph=graph,
                    **_stats_fields(t, ""), **(_stats_fields(a, "adapter_") if a else {}))
-        for key, fl, what in (("median_ms", floor, "the layer's time"),
-                              ("adapter_ms", 0.0, "the adapter's time")):
-            reason = refusal(row[key], fl, what) if key in row else None
-            if reason:
-                row["refused"] = "; ".join(filter(None, (row.get("refused"), reason)))
-                row[key] = None
-                self.messages.append(f"kernel {row['phase']} B={row['batch_size']} "
-                                     f"{row['method']} r={row['rank']}: REFUSED {reason}")
         if method != "base" and row.get("adapter_ms"):
             nbytes = self._bytes(method, row["batch_size"], row["tokens"] // row["batch_size"],
                                  row["distinct_adapters"], row["rank"])
             row["adapter_gbs"] = nbytes / (row["adapter_ms"] * 1e-3) / 1e9
+
+    def _refuse(self, row):
+        """The layer reads its base weights at least once; the adapter part must be a time.
+        Judged on the fastest repeat: one impossible repeat means the timing is broken."""
+        checks = (("median_ms", "minimum_ms", self.floor.ms, "the layer's fastest repeat"),
+                  ("adapter_ms", "adapter_minimum_ms", 0.0, "the adapter's fastest repeat"))
+        for key, fastest, floor, what in checks:
+            if row.get(key) is None:
+                continue
+            reason = refusal(row.get(fastest, row[key]), floor, what)
+            if reason:
+                row["refused"] = "; ".join(filter(None, (row.get("refused"), reason)))
+                row[key] = None
+                if key == "adapter_ms":
+                    row.pop("adapter_gbs", None)
+                self.messages.append(f"kernel {row['phase']} B={row['batch_size']} "
+                                     f"{row['method']} r={row['rank']}: REFUSED {reason}")
 
     @staticmethod
     def _ratios(measured):
@@ -256,7 +270,7 @@ class KernelBench:
 
 
 def _stats_fields(st: Stats, prefix: str) -> dict:
-    """median_ms, iqr_ms, q1_ms, q3_ms, repeats (with a prefix such as "adapter_")."""
+    """median_ms, iqr_ms, q1_ms, q3_ms, minimum_ms, repeats (with a prefix such as "adapter_")."""
     return {prefix + "ms" if prefix else "median_ms": st.median,
             f"{prefix}iqr_ms": st.iqr, f"{prefix}q1_ms": st.q1, f"{prefix}q3_ms": st.q3,
-            f"{prefix}repeats": st.n}
+            f"{prefix}minimum_ms": st.minimum, f"{prefix}repeats": st.n}

@@ -40,7 +40,7 @@ from ..model import get_pedro_model
 from .lora import inject_batched_lora
 from .lora_bgmv import unavailable_reason
 from .presets import Preset
-from .sanity import refusal, weight_floor_ms
+from .sanity import WeightFloor, refusal
 from .timing import Stats, StepClock
 
 LORA_TARGETS = ["q_proj", "v_proj"]
@@ -156,7 +156,7 @@ class ModelBench:
         del probe
         self.lora_rank = lora_rank_for(self.pedro_params, self.config)
         self.lora_params = self.lora_rank * _lora_params_per_rank(self.config)
-        self.copy_gbs: Optional[float] = None  # set by the runner: this run's copy bandwidth
+        self.floor = WeightFloor(self.weight_bytes, self.dtype, device)
         self.messages: List[str] = []
         self.methods = list(methods)
         if "lora_bgmv" in self.methods and unavailable_reason(device):
@@ -276,18 +276,27 @@ class ModelBench:
                 setups[method] = self._setup(method)
             except Exception as e:  # reported, and the other methods still run
                 errors[method] = f"set-up failed: {type(e).__name__}: {e}"
-        out = []
+        measured = []
+        self.floor.measure()
         for done, batch in enumerate(self.p.model_batches):
             if deadline is not None and time.time() > deadline:
                 self.messages.append(f"model level: stopped at the time limit after batch sizes "
                                      f"{list(self.p.model_batches[:done])}")
                 break
-            out += self._batch_rows(batch, setups, dict(errors), progress)
+            batch_errors = dict(errors)
+            measured.append((batch, *self._batch_runs(batch, setups, batch_errors, progress),
+                             batch_errors))
+        self.floor.measure()
         for method, reason in errors.items():
             self.messages.append(f"model level: {method}: {reason}")
+        out = []
+        for batch, runs, graphs, batch_errors in measured:
+            out += self._summarise(batch, runs, batch_errors, graphs)
         return out
 
-    def _batch_rows(self, batch, setups, errors, progress) -> List[dict]:
+    def _batch_runs(self, batch, setups, errors, progress):
+        """(runs, graphs) of one batch size: per method the [ttft, steps...] of every timed
+        round, and what torch.compile did; failures go into errors."""
         ids, mask = self._prompts(batch)
         new = self.p.model_new_tokens
         methods = [m for m in self.methods if m in setups]
@@ -319,10 +328,10 @@ class ModelBench:
                     runs[method].append(intervals)
                     if _dynamo_graphs() != before:
                         graphs.setdefault("recompiled", set()).add(method)
-        return self._summarise(batch, runs, errors, graphs)
+        return runs, graphs
 
     def _summarise(self, batch, runs, errors, graphs) -> List[dict]:
-        floor = weight_floor_ms(self.weight_bytes, self.copy_gbs)
+        floor = self.floor.ms
         plen = self.p.model_prompt_len
         out = []
         base = runs.get("base") if "base" not in errors else None
@@ -362,8 +371,8 @@ class ModelBench:
                           tokens_per_s=batch * 1e3 / tpot.median)
             prefill = dict(row, phase="prefill", **_fields(ttft), ttft_ms=ttft.to_dict(),
                            prefill_ms=ttft.median, tokens_per_s=batch * plen * 1e3 / ttft.median)
-            for r, samples, what in ((decode, steps, "a decoding step"),
-                                     (prefill, ttfts, "a prefill")):
+            for r, samples, what in ((decode, steps, "the fastest decoding step"),
+                                     (prefill, ttfts, "the fastest prefill")):
                 reason = refusal(min(samples), floor, what)
                 if reason:
                     r.update(refused=reason, median_ms=None, tokens_per_s=None)

@@ -62,7 +62,7 @@ def run(preset: Preset, device: torch.device, out_dir: Optional[str] = None,
     machine = machine_info(device)
     dtype = getattr(torch, preset.dtype)
     es = torch.empty(0, dtype=dtype).element_size()
-    copy_gbs = copy_bandwidth_gbs(COPY_BYTES // es, dtype, device, 2, 10)
+    copy_gbs = copy_bandwidth_gbs(COPY_BYTES // es, dtype, device, 2, 10)  # for the record
     summary = dict(preset=preset.name, dtype=preset.dtype, copy_gbs=copy_gbs,
                    read_over_copy=READ_OVER_COPY, messages=[])
     mb = None
@@ -79,20 +79,20 @@ def run(preset: Preset, device: torch.device, out_dir: Optional[str] = None,
     with tqdm(total=total, desc=f"pedro_ext.bench[{preset.name}]", disable=not progress) as bar:
         # the model level first: it holds the headline figures if a time limit cuts the run
         if mb:
-            mb.copy_gbs = copy_gbs
             summary.update(model_mode=model_mode, pedro_params_per_adapter=mb.pedro_params,
                            lora_rank=mb.lora_rank, lora_params_per_adapter=mb.lora_params,
                            lora_targets=["q_proj", "v_proj"], model=_model_info(preset, mb))
             t1 = time.time()
             rows += mb.rows(bar, deadline)
             summary["model_level_s"] = time.time() - t1
+            summary["model_weight_floor"] = mb.floor.to_dict()
             summary["messages"] += mb.messages
             _finish(result, t0, out_dir, plot=False)
         if kb:
-            kb.copy_gbs = copy_gbs
             t1 = time.time()
             rows += kb.rows(bar, deadline)
             summary["kernel_level_s"] = time.time() - t1
+            summary["kernel_weight_floor"] = kb.floor.to_dict()
             summary["modulate_bandwidth"] = kb.modulate_bandwidth()
             summary["messages"] += kb.messages
     return _finish(result, t0, out_dir, plot=True)

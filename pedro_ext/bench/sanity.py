@@ -3,10 +3,13 @@
 Refusals (the figure is replaced by None and the reason is printed instead of a number):
 - not positive, or below MIN_MS (no call launched from Python completes in under a microsecond:
   such a figure is a clock or arithmetic artefact);
-- faster than reading the weights the call must read once: weight bytes / (READ_OVER_COPY x the
-  copy bandwidth measured in the same run). A copy's bandwidth counts the bytes read and
-  written; a read-only stream can beat it (on CPUs a copy also pays for write-allocate), hence
-  the factor 2 of margin: a figure below the floor is impossible, not just fast.
+- faster than reading the weights the call must read once (WeightFloor): weight bytes /
+  (READ_OVER_COPY x the best copy bandwidth measured in the same run, before and after the
+  timed work, on a buffer as large as those weights, so that weights that sit in a cache are
+  compared with a copy that does too, and load on a shared machine, which only slows a copy,
+  cannot lower the bar). A copy's bandwidth counts the bytes read and written; a read-only
+  stream can beat it (on CPUs a copy also pays for write-allocate), hence the factor 2 of
+  margin: a figure below the floor is impossible, not just fast.
 
 Flags (the figure stays, marked, with the reason):
 - "noisy": IQR above NOISY_IQR of the median (of the total or of the adapter part);
@@ -22,17 +25,48 @@ import math
 from collections import defaultdict
 from typing import Dict, List, Optional
 
+import torch
+
+from .timing import copy_bandwidth_gbs
+
 MIN_MS = 1e-3
 READ_OVER_COPY = 2.0
 NOISY_IQR = 0.5
 JUMP = 3.0
 FASTER_THAN_BASE = 1.3
+MAX_COPY_BYTES = 2 ** 30  # larger weight sets are compared with a 1 GiB copy (past any cache)
 
 
 def weight_floor_ms(weight_bytes: int, copy_gbs: Optional[float]) -> float:
     if not copy_gbs or copy_gbs <= 0:
         return 0.0
     return weight_bytes / (READ_OVER_COPY * copy_gbs * 1e9) * 1e3
+
+
+class WeightFloor:
+    """The least time a call that reads `weight_bytes` of weights can take on this machine;
+    call measure() before and after the timed work."""
+
+    def __init__(self, weight_bytes: int, dtype: torch.dtype, device: torch.device):
+        self.weight_bytes, self.dtype, self.device = weight_bytes, dtype, device
+        self.samples_gbs: List[float] = []
+
+    def measure(self) -> None:
+        es = torch.empty(0, dtype=self.dtype).element_size()
+        numel = max(1024, min(self.weight_bytes, MAX_COPY_BYTES) // es)
+        self.samples_gbs.append(copy_bandwidth_gbs(numel, self.dtype, self.device, 2, 10, best=True))
+
+    @property
+    def copy_gbs(self) -> Optional[float]:
+        return max(self.samples_gbs) if self.samples_gbs else None
+
+    @property
+    def ms(self) -> float:
+        return weight_floor_ms(self.weight_bytes, self.copy_gbs)
+
+    def to_dict(self) -> dict:
+        return dict(weight_bytes=self.weight_bytes, copy_gbs_samples=self.samples_gbs,
+                    copy_gbs=self.copy_gbs, floor_ms=self.ms, read_over_copy=READ_OVER_COPY)
 
 
 def refusal(value_ms: Optional[float], floor_ms: float = 0.0, what: str = "time") -> Optional[str]:
@@ -45,7 +79,8 @@ def refusal(value_ms: Optional[float], floor_ms: float = 0.0, what: str = "time"
         return f"{what} of {value_ms:.3g} ms is below {MIN_MS} ms, no call can be that fast"
     if value_ms < floor_ms:
         return (f"{what} of {value_ms:.3g} ms is faster than reading the weights once "
-                f"({floor_ms:.3g} ms at {READ_OVER_COPY:g}x this run's copy bandwidth)")
+                f"({floor_ms:.3g} ms at {READ_OVER_COPY:g}x the best copy bandwidth this run "
+                "measured on a buffer of the weights' size)")
     return None
 
 

@@ -5,9 +5,9 @@ Refusals (the figure is replaced by None and the reason is printed instead of a 
   such a figure is a clock or arithmetic artefact);
 - faster than reading the weights the call must read once (WeightFloor): weight bytes /
   (READ_OVER_COPY x the best copy bandwidth measured in the same run, before and after the
-  timed work, on a buffer as large as those weights, so that weights that sit in a cache are
-  compared with a copy that does too, and load on a shared machine, which only slows a copy,
-  cannot lower the bar). A copy's bandwidth counts the bytes read and written; a read-only
+  timed work, by a copy whose source and destination together are as large as those weights,
+  so that weights that sit in a cache are compared with a copy that does too, and load on a
+  shared machine, which only slows a copy, cannot lower the bar). A copy's bandwidth counts the bytes read and written; a read-only
   stream can beat it (on CPUs a copy also pays for write-allocate), hence the factor 2 of
   margin: a figure below the floor is impossible, not just fast.
 
@@ -34,7 +34,7 @@ READ_OVER_COPY = 2.0
 NOISY_IQR = 0.5
 JUMP = 3.0
 FASTER_THAN_BASE = 1.3
-MAX_COPY_BYTES = 2 ** 30  # larger weight sets are compared with a 1 GiB copy (past any cache)
+MAX_COPY_BYTES = 2 ** 30  # larger weight sets are compared with a 1 GiB working set (past any cache)
 
 
 def weight_floor_ms(weight_bytes: int, copy_gbs: Optional[float]) -> float:
@@ -52,8 +52,9 @@ class WeightFloor:
         self.samples_gbs: List[float] = []
 
     def measure(self) -> None:
+        # source and destination together as large as the weights: the same working set
         es = torch.empty(0, dtype=self.dtype).element_size()
-        numel = max(1024, min(self.weight_bytes, MAX_COPY_BYTES) // es)
+        numel = max(1024, min(self.weight_bytes, MAX_COPY_BYTES) // (2 * es))
         self.samples_gbs.append(copy_bandwidth_gbs(numel, self.dtype, self.device, 2, 10, best=True))
 
     @property

@@ -83,7 +83,8 @@ def quick(preset: Preset) -> Preset:
     elif preset.name != "tiny":
         model = dict(SMALL_RANDOM)
     return preset.replace(batches=tuple(b for b in preset.batches if b <= 32)[:3],
-                          ranks=preset.ranks[:2], repeats=max(3, preset.repeats // 3),
+                          ranks=preset.ranks[1:2] or preset.ranks[:1],
+                          repeats=max(3, preset.repeats // 3),
                           warmup=min(2, preset.warmup), model=model, model_source="random",
                           model_batches=tuple(b for b in preset.model_batches if b <= 8),
                           model_new_tokens=min(9, preset.model_new_tokens),

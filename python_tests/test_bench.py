@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-from pedro_ext.bench.report import markdown
+from pedro_ext.bench.report import markdown, ms
 
 KERNEL = {"base", "pedro", "lora_bmm", "lora_peft", "lora_single"}
 MODEL = {"base", "pedro", "pedro_reference", "lora_bmm", "lora_peft"}  # lora_bgmv: GPU only
@@ -84,4 +84,4 @@ def test_markdown_of_the_run_quotes_its_figures(quick_run):
     text = markdown(result, "bench.json")
     for r in result["rows"]:
         if r["level"] == "model" and r["median_ms"]:
-            assert f"{r['median_ms']:.3g} ({r['iqr_ms']:.2g})" in text
+            assert f"{ms(r['median_ms'])}, IQR {ms(r['iqr_ms'])}" in text

@@ -36,6 +36,20 @@ def _num(v, digits=3) -> str:
     return str(v)
 
 
+def ms(v: Optional[float]) -> str:
+    """A time in ms without exponents: 3 significant digits, at least the units."""
+    if v is None:
+        return "-"
+    a = abs(v)
+    if a >= 100:
+        return f"{v:.0f}"
+    if a >= 10:
+        return f"{v:.1f}"
+    if a >= 1:
+        return f"{v:.2f}"
+    return f"{v:.3g}"
+
+
 class _Notes:
     """Footnotes for flagged rows: the table cell gets [k], the note the reasons."""
 
@@ -49,8 +63,8 @@ class _Notes:
                 reasons.insert(0, f"{key}: {row[key]}")
         if not reasons:
             return ""
-        self.notes.append(f"[{len(self.notes) + 1}] {_where(row)}: " + "; ".join(reasons))
-        return f"[{len(self.notes)}]"
+        self.notes.append(f"[f{len(self.notes) + 1}] {_where(row)}: " + "; ".join(reasons))
+        return f"[f{len(self.notes)}]"
 
     def text(self) -> str:
         return "\n".join(self.notes)
@@ -67,7 +81,7 @@ def _value(row: dict, key: str, digits=3) -> str:
         return "REFUSED"
     if row.get("error") and row.get(key) is None:
         return "ERROR"
-    return _num(row.get(key), digits)
+    return ms(row.get(key)) if key.endswith("ms") else _num(row.get(key), digits)
 
 
 def _sorted(rows):
@@ -84,22 +98,22 @@ def table(rows: List[dict], level: str, phase: str, notes: Optional[_Notes] = No
         head = ["batch", "distinct", "method", "variant", "rank", "ms (median)", "IQR",
                 "adapter ms", "adapter IQR", "adapter GB/s", "flags"]
         body = [[r["batch_size"], r["distinct_adapters"], r["method"], r.get("variant") or "",
-                 r["rank"], _value(r, "median_ms"), _num(r.get("iqr_ms"), 2),
-                 _value(r, "adapter_ms"), _num(r.get("adapter_iqr_ms"), 2),
+                 r["rank"], _value(r, "median_ms"), ms(r.get("iqr_ms")),
+                 _value(r, "adapter_ms"), ms(r.get("adapter_iqr_ms")),
                  _num(r.get("adapter_gbs")), notes.mark(r)] for r in rows]
     elif phase == "decode":
         head = ["batch", "method", "mode", "rank", "params/adapter", "TPOT ms (median)", "IQR",
-                "tokens/s", "vs base", "vs base per round (q1-q3)", "TTFT ms", "flags"]
+                "tokens/s", "vs base", "vs base, range over rounds", "TTFT ms", "flags"]
         body = [[r["batch_size"], r["method"], r.get("mode", ""), r["rank"],
-                 r.get("params_per_adapter"), _value(r, "median_ms"), _num(r.get("iqr_ms"), 2),
+                 r.get("params_per_adapter"), _value(r, "median_ms"), ms(r.get("iqr_ms")),
                  _value(r, "tokens_per_s", 4), _num(r.get("tokens_per_s_vs_base")),
-                 _range(r.get("vs_base_rounds")), _num(r.get("prefill_ms")), notes.mark(r)]
+                 _range(r.get("vs_base_rounds")), ms(r.get("prefill_ms")), notes.mark(r)]
                 for r in rows]
     else:
         head = ["batch", "method", "mode", "TTFT ms (median)", "IQR", "prompt tokens/s",
                 "vs base", "flags"]
         body = [[r["batch_size"], r["method"], r.get("mode", ""), _value(r, "median_ms"),
-                 _num(r.get("iqr_ms"), 2), _value(r, "tokens_per_s", 4),
+                 ms(r.get("iqr_ms")), _value(r, "tokens_per_s", 4),
                  _num(r.get("tokens_per_s_vs_base")), notes.mark(r)] for r in rows]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in body]
@@ -109,7 +123,7 @@ def table(rows: List[dict], level: str, phase: str, notes: Optional[_Notes] = No
 def _range(st: Optional[dict]) -> str:
     if not st:
         return "-"
-    return f"{st['q1']:.3f}-{st['q3']:.3f} (n={st['n']})"
+    return f"{st['minimum']:.3f}-{st['maximum']:.3f} (n={st['n']})"
 
 
 def pedro_vs_lora(rows: List[dict]) -> str:
@@ -188,11 +202,11 @@ def markdown(result: dict, source: str = "bench.json") -> str:
     if md:
         out += [_model_line(result) + ".", ""]
         methods = [m for m in METHOD_ORDER if any(r["method"] == m for r in md)]
-        for phase, what in (("decode", "Time per output token, ms: median (IQR) over all timed "
-                                       "steps; tokens/s relative to base: pooled median, and "
-                                       "the q1-q3 of the per-round ratios"),
-                            ("prefill", "Time to first token (prefill), ms: median (IQR) over "
-                                        "rounds; relative speed to base")):
+        for phase, what in (("decode", "Time per output token (ms): median, IQR over all timed "
+                                       "steps; speed relative to base (base median / method "
+                                       "median), and the range of that ratio over the rounds"),
+                            ("prefill", "Time to first token (prefill, ms): median, IQR over "
+                                        "rounds; speed relative to base, range over rounds")):
             out += [what + ":", "", "| batch | " + " | ".join(LABELS[m] for m in methods) + " |",
                     "|---|" + "---|" * len(methods)]
             for b in sorted({r["batch_size"] for r in md}):
@@ -211,8 +225,8 @@ def markdown(result: dict, source: str = "bench.json") -> str:
         rank = ranks[len(ranks) // 2] if ranks else None
         methods = [m for m in METHOD_ORDER if any(r["method"] == m for r in kd)]
         out += [f"Kernel level, one decode step of one layer's Q, V and up projections (base "
-                f"projections + adapter), all adapters distinct, LoRA rank {rank}; ms, median "
-                f"(IQR):", "", "| batch | " + " | ".join(LABELS[m] for m in methods)
+                f"projections + adapter), all adapters distinct, LoRA rank {rank}; ms: median, "
+                f"IQR:", "", "| batch | " + " | ".join(LABELS[m] for m in methods)
                 + " | PEDRO adapter part | LoRA bmm adapter part |",
                 "|---|" + "---|" * (len(methods) + 2)]
         for b in sorted({r["batch_size"] for r in kd}):
@@ -221,7 +235,7 @@ def markdown(result: dict, source: str = "bench.json") -> str:
                              and (not m.startswith("lora") or r["rank"] == rank)), None)
             cells = [_cell(get(m), notes, ratio=False) if get(m) else "-" for m in methods]
             parts = [get("pedro"), get("lora_bmm")]
-            cells += [_num(p.get("adapter_ms")) if p else "-" for p in parts]
+            cells += [ms(p.get("adapter_ms")) if p else "-" for p in parts]
             out.append(f"| {b} | " + " | ".join(cells) + " |")
         out.append("")
     if s.get("modulate_bandwidth"):
@@ -237,12 +251,12 @@ def _cell(r: dict, notes: _Notes, ratio: bool = True) -> str:
     mark = notes.mark(r)
     if r.get("median_ms") is None:
         return ("REFUSED" if r.get("refused") else "ERROR") + f" {mark}"
-    text = f"{r['median_ms']:.3g} ({r['iqr_ms']:.2g})"
+    text = f"{ms(r['median_ms'])}, IQR {ms(r['iqr_ms'])}"
     if ratio and r["method"] != "base" and r.get("tokens_per_s_vs_base"):
-        text += f" {r['tokens_per_s_vs_base']:.3f}x"
+        text += f"; {r['tokens_per_s_vs_base']:.3f}x"
         st = r.get("vs_base_rounds")
         if st and st["n"] > 1:
-            text += f" [{st['q1']:.3f}-{st['q3']:.3f}]"
+            text += f", rounds {st['minimum']:.2f}-{st['maximum']:.2f}"
     return (text + " " + mark).strip()
 
 
@@ -257,7 +271,8 @@ def _targets(md: List[dict]) -> List[str]:
         if p and p.get("tokens_per_s_vs_base"):
             st = p.get("vs_base_rounds") or {}
             verdict = "met" if p["tokens_per_s_vs_base"] >= 0.99 else "missed"
-            spread = f", per-round q1-q3 {st['q1']:.3f}-{st['q3']:.3f}" if st.get("n", 0) > 1 else ""
+            spread = (f", rounds {st['minimum']:.3f}-{st['maximum']:.3f}"
+                      if st.get("n", 0) > 1 else "")
             readings.append(f"B={b}: {p['tokens_per_s_vs_base']:.3f}x{spread}: {verdict}")
     if readings:
         out += ["- PEDRO's decode speed relative to the bare model (target: within 1%, >= 0.99x): "
@@ -267,8 +282,8 @@ def _targets(md: List[dict]) -> List[str]:
         p, ref = dec.get(("pedro", b)), dec.get(("pedro_reference", b))
         if p and ref and p.get("median_ms") and ref.get("median_ms"):
             ratio = ref["median_ms"] / p["median_ms"]
-            readings.append(f"B={b}: kernels {p['median_ms']:.3g} ms vs reference "
-                            f"{ref['median_ms']:.3g} ms ({ratio:.3f}x)")
+            readings.append(f"B={b}: kernels {ms(p['median_ms'])} ms vs reference "
+                            f"{ms(ref['median_ms'])} ms ({ratio:.3f}x)")
     if readings:
         out += ["- PEDRO's kernels against the pure-PyTorch reference ops (target: never slower): "
                 + "; ".join(readings) + "."]

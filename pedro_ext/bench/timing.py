@@ -25,6 +25,7 @@ class Stats:
     q3: float
     n: int
     minimum: float
+    maximum: float
 
     @property
     def iqr(self) -> float:
@@ -36,9 +37,9 @@ class Stats:
             raise ValueError("Stats.of: no samples")
         s = sorted(samples)
         if len(s) == 1:
-            return cls(s[0], s[0], s[0], 1, s[0])
+            return cls(s[0], s[0], s[0], 1, s[0], s[0])
         q1, _, q3 = statistics.quantiles(s, n=4, method="inclusive")
-        return cls(statistics.median(s), q1, q3, len(s), s[0])
+        return cls(statistics.median(s), q1, q3, len(s), s[0], s[-1])
 
     def to_dict(self) -> dict:
         return dict(asdict(self), iqr=self.iqr)

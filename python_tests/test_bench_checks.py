@@ -1,19 +1,29 @@
 """The benchmark's own machinery: spread statistics, the per-step clock, the sanity checks that
 refuse impossible figures, outlier flags, and the README generator (every figure from the json)."""
+import json
+import os
 import time
 
 import pytest
 import torch
 
 from pedro_ext.bench import PRESETS
-from pedro_ext.bench.report import console_report
+from pedro_ext.bench.report import README_BEGIN, README_END, console_report, markdown, ms
 from pedro_ext.bench.sanity import MIN_MS, flag_rows, refusal, weight_floor_ms
 from pedro_ext.bench.timing import Stats, StepClock
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_ms_format_has_no_exponents():
+    assert [ms(v) for v in (1234.5, 45.67, 3.456, 0.01234, None)] == ["1234", "45.7", "3.46",
+                                                                   "0.0123", "-"]
 
 
 def test_stats_median_and_quartiles():
     st = Stats.of([5.0, 1.0, 3.0, 2.0, 4.0])
     assert (st.median, st.q1, st.q3, st.n, st.iqr) == (3.0, 2.0, 4.0, 5, 2.0)
+    assert (st.minimum, st.maximum) == (1.0, 5.0)
     assert Stats.of([7.0]).iqr == 0.0
     with pytest.raises(ValueError, match="no samples"):
         Stats.of([])
@@ -114,3 +124,21 @@ def test_time_limit_stops_new_configurations_and_says_so():
     kb = KernelBench(PRESETS["tiny"], torch.device("cpu"))
     assert kb.rows(deadline=time.time() - 1) == []
     assert any("stopped at the time limit after 0 of" in m for m in kb.messages)
+
+
+def test_readme_benchmarks_section_is_generated_from_the_committed_json():
+    path = os.path.join("bench", "results", "cpu-2core", "bench.json")
+    with open(os.path.join(ROOT, path)) as f:
+        result = json.load(f)
+    with open(os.path.join(ROOT, "README.md")) as f:
+        readme = f.read()
+    assert README_BEGIN in readme and README_END in readme
+    section = readme.split(README_BEGIN, 1)[1].split(README_END, 1)[0]
+    assert section.strip() == markdown(result, path).strip(), (
+        "README's benchmark figures differ from bench/results/cpu-2core/bench.json: run "
+        "python -m pedro_ext.bench.report --markdown bench/results/cpu-2core/bench.json "
+        "--readme README.md")
+    # and every model-level figure of the json is in it
+    for r in result["rows"]:
+        if r["level"] == "model" and r.get("median_ms"):
+            assert f"{ms(r['median_ms'])}, IQR {ms(r['iqr_ms'])}" in section, r

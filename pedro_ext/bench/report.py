@@ -314,7 +314,7 @@ def plot(result: dict, path: str) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from matplotlib.ticker import FixedLocator, NullLocator
+    from matplotlib.ticker import FixedLocator, FuncFormatter, LogLocator, NullFormatter, NullLocator
 
     rows = result["rows"]
     kr = [r for r in rows if r["level"] == "kernel" and r["phase"] == "decode"
@@ -358,6 +358,10 @@ def plot(result: dict, path: str) -> None:
                 bottom.plot(*zip(*rel), color=color, marker=marker, ls=ls, label=LABELS.get(m, m),
                             ms=5)
         top.set(xscale="log", yscale="log", ylabel=ylabel, title=title)
+        # plain numbers at 1, 2, 5 x 10^k rather than "2x10^0"
+        top.yaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
+        top.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+        top.yaxis.set_minor_formatter(NullFormatter())
         bottom.axhline(1.0, color="k", lw=1)
         if level == "model":
             bottom.axhline(0.99, color="k", lw=0.8, ls=":", label="0.99 (target)")

@@ -14,8 +14,9 @@ MODEL = {"base", "pedro", "pedro_reference", "lora_bmm", "lora_peft"}  # lora_bg
 @pytest.fixture(scope="module")
 def quick_run(tmp_path_factory):
     out_dir = tmp_path_factory.mktemp("bench")
+    # one thread: on a loaded machine more threads wait for each other (see runner.py)
     out = subprocess.run([sys.executable, "-m", "pedro_ext.bench", "--quick", "--preset", "tiny",
-                          "--device", "cpu", "--out", str(out_dir)],
+                          "--device", "cpu", "--threads", "1", "--out", str(out_dir)],
                          capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     with open(out_dir / "bench.json") as f:

@@ -2,6 +2,7 @@
 import json
 import os
 import platform
+import sys
 import time
 import traceback
 from typing import Optional, Sequence
@@ -38,6 +39,18 @@ def machine_info(device: torch.device) -> dict:
     return info
 
 
+def _busy_cpu_warning(machine: dict) -> Optional[str]:
+    """On a loaded CPU, torch's worker threads spin-wait for cores that other jobs hold: on a
+    shared 2-core VM, --quick took 131 s with 2 threads and 17 s with 1."""
+    load = (machine.get("load_average_at_start") or [0.0])[0]
+    if machine["device"] != "cpu" or machine["torch_threads"] < 2 or \
+            load < 0.75 * (machine["cpu_count"] or 1):
+        return None
+    return (f"warning: load average {load:.1f} on {machine['cpu_count']} CPUs with "
+            f"{machine['torch_threads']} torch threads: other jobs hold the cores these threads "
+            "wait for, and timings inflate (up to 100x seen); use --threads 1 or an idle machine")
+
+
 def _cpu_name() -> str:
     try:
         with open("/proc/cpuinfo") as f:
@@ -65,6 +78,10 @@ def run(preset: Preset, device: torch.device, out_dir: Optional[str] = None,
     copy_gbs = copy_bandwidth_gbs(COPY_BYTES // es, dtype, device, 2, 10)  # for the record
     summary = dict(preset=preset.name, dtype=preset.dtype, copy_gbs=copy_gbs,
                    read_over_copy=READ_OVER_COPY, messages=[])
+    busy = _busy_cpu_warning(machine)
+    if busy:
+        print(busy, file=sys.stderr)
+        summary["messages"].append(busy)
     mb = None
     if "model" in levels:
         try:

@@ -5,7 +5,8 @@
 # summary.json + logs to bench/results/<gpu name>/ (and copies them to $OUT when that is set).
 # Fails when torch sees no GPU. Expected about 8 minutes on an H100, build included; each step has
 # its own cap, and the logs come back step by step.
-#   device run:  bash bench/gpu_check.sh        env: BENCH_ARGS (default "--quick"), SKIP_BENCH=1
+#   device run:  bash bench/gpu_check.sh    env: BENCH_ARGS (default "--time-limit 150": the gpu preset,
+#                cut at 150 s; "--quick" for a smoke run), SKIP_BENCH=1
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1 MAX_JOBS="$(nproc)" NVCC_THREADS=4
@@ -86,7 +87,7 @@ PYTORCH_NO_CUDA_MEMORY_CACHING=1 step memcheck 120 "$RES/memcheck.log" "${SAN[@]
 step racecheck 120 "$RES/racecheck.log" "${SAN[@]}" --tool racecheck --racecheck-report all "${PYTEST[@]}" "${SUBSET[@]}"
 if [ "${SKIP_BENCH:-0}" != 1 ]; then
   # shellcheck disable=SC2086
-  step bench 180 "$RES/bench.log" python3 -m pedro_ext.bench --preset gpu --device cuda ${BENCH_ARGS:---quick} --out "$RES"
+  step bench 180 "$RES/bench.log" python3 -m pedro_ext.bench --preset gpu --device cuda ${BENCH_ARGS---time-limit 150} --out "$RES"
 fi
 
 python3 - "$RES" "$TMP/tests.xml" "$GPU" "${steps[@]}" <<'PY'

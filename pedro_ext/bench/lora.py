@@ -5,11 +5,14 @@ lora_bmm:    BGMV semantics, y[b] += scale * (x[b] @ A[idx[b]]) @ B[idx[b]], wit
 lora_peft:   peft's mixed-batch path: a Python loop over the distinct adapters in the batch,
              each selecting its rows.
 lora_single: one adapter for the whole batch, two plain matmuls (LoRA's best case).
+lora_bgmv:   the fused Triton shrink / expand kernels of lora_bgmv.py (GPU only).
 """
 from typing import List, Sequence, Tuple
 
 import torch
 from torch import nn
+
+from .lora_bgmv import lora_bgmv
 
 
 def lora_bmm(x: torch.Tensor, y: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
@@ -36,28 +39,33 @@ def row_groups(idx_cpu: torch.Tensor, device) -> List[Tuple[int, torch.Tensor]]:
 
 
 class BatchedLoraLinear(nn.Module):
-    """A Linear plus gathered-bmm multi-LoRA (the lora_bmm method at model level)."""
+    """A Linear plus multi-LoRA by request: kind "bmm" (gathered bmm) or "bgmv" (the fused
+    Triton kernels), the lora_bmm / lora_bgmv methods at model level. holder["ids"] holds the
+    adapter index of every request of the current call, on the model's device."""
 
-    def __init__(self, base: nn.Linear, n: int, r: int, scale: float, holder: dict, seed: int):
+    def __init__(self, base: nn.Linear, n: int, r: int, scale: float, holder: dict, seed: int,
+                 kind: str):
         super().__init__()
         self.base = base
         g = torch.Generator().manual_seed(seed)
         dt, dev = base.weight.dtype, base.weight.device
-        self.a = nn.Parameter(torch.randn(n, base.in_features, r, generator=g).to(dev, dt)
-                              * base.in_features ** -0.5, requires_grad=False)
-        self.b = nn.Parameter(torch.randn(n, r, base.out_features, generator=g).to(dev, dt) * 0.01,
+        self.a = nn.Parameter((torch.randn(n, base.in_features, r, generator=g)
+                               * base.in_features ** -0.5).to(dev, dt), requires_grad=False)
+        self.b = nn.Parameter((torch.randn(n, r, base.out_features, generator=g) * 0.01).to(dev, dt),
                               requires_grad=False)
         self.scale = scale
         self.holder = holder
+        self.adapt = {"bmm": lora_bmm, "bgmv": lora_bgmv}[kind]
 
     def forward(self, x):
         idx = self.holder["ids"]
         k = x.shape[0] // idx.shape[0]
-        return lora_bmm(x, self.base(x), self.a, self.b, idx.repeat_interleave(k) if k > 1 else idx,
-                        self.scale)
+        return self.adapt(x, self.base(x), self.a, self.b,
+                          idx.repeat_interleave(k) if k > 1 else idx, self.scale)
 
 
-def inject_batched_lora(model: nn.Module, targets: Sequence[str], n: int, r: int, scale: float):
+def inject_batched_lora(model: nn.Module, targets: Sequence[str], n: int, r: int, scale: float,
+                        kind: str = "bmm"):
     """Replace each target Linear with BatchedLoraLinear; returns (holder, undo)."""
     holder = {"ids": None}
     replaced = []
@@ -65,7 +73,8 @@ def inject_batched_lora(model: nn.Module, targets: Sequence[str], n: int, r: int
         for t in targets:
             child = getattr(module, t, None)
             if isinstance(child, nn.Linear):
-                setattr(module, t, BatchedLoraLinear(child, n, r, scale, holder, seed=len(replaced)))
+                setattr(module, t, BatchedLoraLinear(child, n, r, scale, holder,
+                                                     seed=len(replaced), kind=kind))
                 replaced.append((module, t, child))
 
     def undo():

@@ -1,34 +1,86 @@
-"""Median-of-repeats timing: warm-up first, CUDA events on a GPU (optionally CUDA-graph replay),
-perf_counter on the CPU. The timed callable gets the repeat index so it can rotate its inputs."""
+"""Timing with its spread.
+
+- `measure`: a callable timed over repeats after warm-up (CUDA events on a GPU, optionally
+  CUDA-graph replays; perf_counter on the CPU). The callable gets the repeat index so it can
+  rotate its inputs. Slow callables get fewer repeats (a time budget per measurement).
+- `StepClock`: a StoppingCriteria that Hugging Face `generate` calls once per generated token,
+  right after the token is chosen; it timestamps each call, so the intervals are the time to
+  the first token (prefill) and the time of every decoding step, measured inside the real
+  generate loop of every method alike.
+- `Stats`: median and quartiles of a list of samples; every figure of the benchmark is one.
+"""
 import statistics
 import time
-from typing import Callable
+from dataclasses import asdict, dataclass
+from typing import Callable, List, Sequence
 
 import torch
+from transformers import StoppingCriteria
 
 
-def median_ms(fn: Callable[[int], object], device: torch.device, warmup: int, repeats: int,
-              cuda_graph: bool = False) -> float:
+@dataclass(frozen=True)
+class Stats:
+    median: float
+    q1: float
+    q3: float
+    n: int
+    minimum: float
+    maximum: float
+
+    @property
+    def iqr(self) -> float:
+        return self.q3 - self.q1
+
+    @classmethod
+    def of(cls, samples: Sequence[float]) -> "Stats":
+        if not samples:
+            raise ValueError("Stats.of: no samples")
+        s = sorted(samples)
+        if len(s) == 1:
+            return cls(s[0], s[0], s[0], 1, s[0], s[0])
+        q1, _, q3 = statistics.quantiles(s, n=4, method="inclusive")
+        return cls(statistics.median(s), q1, q3, len(s), s[0], s[-1])
+
+    def to_dict(self) -> dict:
+        return dict(asdict(self), iqr=self.iqr)
+
+
+def measure(fn: Callable[[int], object], device: torch.device, warmup: int, repeats: int,
+            cuda_graph: bool = False, budget_ms: float = 2000.0, min_repeats: int = 5) -> Stats:
+    """Stats in ms of fn over at most `repeats` calls, fewer when they would take longer than
+    budget_ms in all (never fewer than min_repeats)."""
     if device.type == "cuda":
-        return _cuda_ms(fn, warmup, repeats, cuda_graph)
+        return _cuda(fn, warmup, repeats, cuda_graph, budget_ms, min_repeats)
+    t0 = time.perf_counter()
     for i in range(warmup):
         fn(i)
+    per_call = (time.perf_counter() - t0) * 1e3 / max(1, warmup)
     times = []
-    for i in range(repeats):
+    for i in range(_repeats(per_call if warmup else None, repeats, budget_ms, min_repeats)):
         t0 = time.perf_counter()
         fn(i)
         times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
+    return Stats.of(times)
 
 
-def _cuda_ms(fn, warmup, repeats, cuda_graph):
+def _repeats(per_call_ms, repeats, budget_ms, min_repeats) -> int:
+    if not per_call_ms or per_call_ms <= 0:
+        return repeats
+    return max(min(repeats, min_repeats), min(repeats, int(budget_ms / per_call_ms)))
+
+
+def _cuda(fn, warmup, repeats, cuda_graph, budget_ms, min_repeats):
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     with torch.cuda.stream(stream):
+        start.record()
         for i in range(warmup):
             fn(i)
+        end.record()
     torch.cuda.current_stream().wait_stream(stream)
     torch.cuda.synchronize()
+    per_call = start.elapsed_time(end) / max(1, warmup)
     if cuda_graph:
         # one graph per rotation slot, so replays still rotate their inputs
         graphs = []
@@ -41,20 +93,63 @@ def _cuda_ms(fn, warmup, repeats, cuda_graph):
     else:
         run = fn
     times = []
-    for i in range(repeats):
+    for i in range(_repeats(per_call if warmup else None, repeats, budget_ms, min_repeats)):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
         run(i)
         end.record()
         end.synchronize()
         times.append(start.elapsed_time(end))
-    return statistics.median(times)
+    return Stats.of(times)
 
 
 def copy_bandwidth_gbs(numel: int, dtype: torch.dtype, device: torch.device, warmup: int,
-                       repeats: int) -> float:
-    """The machine's measured copy bandwidth (read + write) for a tensor of numel elements."""
+                       repeats: int, best: bool = False) -> float:
+    """The machine's measured copy bandwidth (bytes read + bytes written per second, in GB/s)
+    for a tensor of numel elements: from the median copy, or with best=True the fastest."""
     src = torch.randn(numel, device=device).to(dtype)
     dst = torch.empty_like(src)
-    ms = median_ms(lambda i: dst.copy_(src), device, warmup, repeats)
+    st = measure(lambda i: dst.copy_(src), device, warmup, repeats)
+    ms = st.minimum if best else st.median
     return 2 * src.numel() * src.element_size() / (ms * 1e-3) / 1e9
+
+
+class StepClock(StoppingCriteria):
+    """Pass in `stopping_criteria=StoppingCriteriaList([clock])`; call `start()` right before
+    generate and `intervals_ms()` after it: [time to first token, step 1, step 2, ...].
+
+    On a GPU the stamps are CUDA events on the current stream (no added host sync), so the
+    intervals are the GPU timeline between consecutive tokens, idle gaps while the host
+    launches work included; `start()` synchronises first so the first interval starts when
+    generate is called."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self._stamps: List = []
+        self._never = {}
+
+    def _now(self):
+        if self.cuda:
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            return event
+        return time.perf_counter()
+
+    def start(self) -> None:
+        if self.cuda:
+            torch.cuda.synchronize()
+        self._stamps = [self._now()]
+
+    def __call__(self, input_ids: torch.LongTensor, scores, **kwargs) -> torch.BoolTensor:
+        self._stamps.append(self._now())
+        key = (input_ids.shape[0], input_ids.device)
+        if key not in self._never:
+            self._never[key] = torch.zeros(key[0], dtype=torch.bool, device=key[1])
+        return self._never[key]
+
+    def intervals_ms(self) -> List[float]:
+        s = self._stamps
+        if self.cuda:
+            s[-1].synchronize()
+            return [a.elapsed_time(b) for a, b in zip(s, s[1:])]
+        return [(b - a) * 1e3 for a, b in zip(s, s[1:])]

@@ -1,0 +1,144 @@
+"""The benchmark's own machinery: spread statistics, the per-step clock, the sanity checks that
+refuse impossible figures, outlier flags, and the README generator (every figure from the json)."""
+import json
+import os
+import time
+
+import pytest
+import torch
+
+from pedro_ext.bench import PRESETS
+from pedro_ext.bench.report import README_BEGIN, README_END, console_report, markdown, ms
+from pedro_ext.bench.sanity import MIN_MS, flag_rows, refusal, weight_floor_ms
+from pedro_ext.bench.timing import Stats, StepClock
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_ms_format_has_no_exponents():
+    assert [ms(v) for v in (1234.5, 45.67, 3.456, 0.01234, None)] == ["1234", "45.7", "3.46",
+                                                                   "0.0123", "-"]
+
+
+def test_stats_median_and_quartiles():
+    st = Stats.of([5.0, 1.0, 3.0, 2.0, 4.0])
+    assert (st.median, st.q1, st.q3, st.n, st.iqr) == (3.0, 2.0, 4.0, 5, 2.0)
+    assert (st.minimum, st.maximum) == (1.0, 5.0)
+    assert Stats.of([7.0]).iqr == 0.0
+    with pytest.raises(ValueError, match="no samples"):
+        Stats.of([])
+
+
+def test_step_clock_pairs_consecutive_calls():
+    clock = StepClock(torch.device("cpu"))
+    ids = torch.zeros(3, 4, dtype=torch.long)
+    clock.start()
+    for pause in (0.02, 0.005, 0.04):
+        time.sleep(pause)
+        done = clock(ids, None)
+        assert done.dtype == torch.bool and done.shape == (3,) and not done.any()
+    got = clock.intervals_ms()
+    assert len(got) == 3
+    assert got[0] >= 20 and got[1] >= 5 and got[2] >= 40
+
+
+def test_weight_floor_takes_the_best_copy_at_the_weights_size():
+    from pedro_ext.bench.sanity import WeightFloor
+    floor = WeightFloor(4 * 2 ** 20, torch.float32, torch.device("cpu"))
+    floor.measure()
+    floor.measure()
+    assert len(floor.samples_gbs) == 2 and floor.copy_gbs == max(floor.samples_gbs) > 0
+    assert floor.ms == pytest.approx(4 * 2 ** 20 / (2 * floor.copy_gbs * 1e9) * 1e3)
+
+
+def test_refusal_of_impossible_figures():
+    floor = weight_floor_ms(2 * 10 ** 9, 100.0)  # 2 GB at twice 100 GB/s: 10 ms
+    assert floor == pytest.approx(10.0)
+    assert refusal(12.0, floor) is None
+    assert "faster than reading the weights" in refusal(9.0, floor)
+    assert "not positive" in refusal(-1.0)
+    assert "not positive" in refusal(0.0)
+    assert "below" in refusal(MIN_MS / 2)
+    assert "not measured" in refusal(float("nan"))
+    assert weight_floor_ms(10 ** 9, None) == 0.0
+
+
+def _row(method, batch, ms, iqr=0.0, level="kernel", distinct=None):
+    return dict(level=level, phase="decode", method=method, batch_size=batch,
+                distinct_adapters=batch if distinct is None else distinct, rank=8,
+                median_ms=ms, iqr_ms=iqr, mode="eager")
+
+
+def test_flags_point_at_the_outlier_not_its_neighbours():
+    series = [_row("lora_bmm", b, t) for b, t in ((1, 0.02), (8, 40.0), (32, 0.03), (128, 0.05))]
+    flag_rows(series)
+    assert [bool(r["flags"]) for r in series] == [False, True, False, False]
+    assert "vs batch" in series[1]["flags"][0]
+    end = [_row("pedro", b, t) for b, t in ((1, 0.02), (8, 0.021), (32, 9.0))]
+    flag_rows(end)
+    assert [bool(r["flags"]) for r in end] == [False, False, True]
+    linear = [_row("lora_peft", b, 0.01 * b) for b in (1, 8, 32, 128)]  # linear growth: fine
+    flag_rows(linear)
+    assert not any(r["flags"] for r in linear)
+
+
+def test_flags_noisy_rows_and_faster_than_base():
+    rows = [_row("base", 8, 10.0), _row("pedro", 8, 5.0), _row("lora_bmm", 8, 11.0, iqr=8.0),
+            _row("lora_peft", 8, 12.0)]
+    flag_rows(rows)
+    assert not rows[0]["flags"]
+    assert "faster than the base model" in rows[1]["flags"][0]
+    assert "noisy" in rows[2]["flags"][0]
+    # when most adapted methods beat the base model, the base figure is the doubtful one
+    rows = [_row("base", 8, 30.0), _row("pedro", 8, 10.0), _row("lora_bmm", 8, 11.0)]
+    flag_rows(rows)
+    assert "slower than 2 of 2" in rows[0]["flags"][0]
+    assert not rows[1]["flags"] and not rows[2]["flags"]
+
+
+def test_model_bench_refuses_a_step_faster_than_reading_the_weights(monkeypatch):
+    """End to end: with a copy bandwidth that makes reading the weights take longer than any
+    step did, every figure is refused, printed as REFUSED, and None in the rows."""
+    from pedro_ext.bench import sanity
+    from pedro_ext.bench.model_bench import ModelBench
+    monkeypatch.setattr(sanity, "copy_bandwidth_gbs", lambda *args, **kwargs: 1e-9)
+    preset = PRESETS["tiny"].replace(model_batches=(2,), model_new_tokens=3)
+    mb = ModelBench(preset, torch.device("cpu"), methods=("base", "pedro"))
+    rows = mb.rows()
+    assert mb.floor.ms > 1e6
+    assert len(rows) == 4 and all(r["median_ms"] is None and "faster than reading" in r["refused"]
+                                  for r in rows)
+    assert all("tokens_per_s_vs_base" not in r for r in rows)
+    assert sum("REFUSED" in m for m in mb.messages) == 4
+    result = dict(machine=dict(device_name="cpu", device="cpu", cpu_count=2, torch="x"),
+                  preset=preset.__dict__, rows=rows,
+                  summary=dict(preset="tiny", dtype="float32", copy_gbs=1e-9, wall_s=1.0,
+                               messages=mb.messages))
+    flag_rows(rows)
+    text = console_report(result)
+    assert text.count("REFUSED") >= 4 and "faster than reading the weights" in text
+
+
+def test_time_limit_stops_new_configurations_and_says_so():
+    from pedro_ext.bench.kernel_bench import KernelBench
+    kb = KernelBench(PRESETS["tiny"], torch.device("cpu"))
+    assert kb.rows(deadline=time.time() - 1) == []
+    assert any("stopped at the time limit after 0 of" in m for m in kb.messages)
+
+
+def test_readme_benchmarks_section_is_generated_from_the_committed_json():
+    path = os.path.join("bench", "results", "cpu-2core", "bench.json")
+    with open(os.path.join(ROOT, path)) as f:
+        result = json.load(f)
+    with open(os.path.join(ROOT, "README.md")) as f:
+        readme = f.read()
+    assert README_BEGIN in readme and README_END in readme
+    section = readme.split(README_BEGIN, 1)[1].split(README_END, 1)[0]
+    assert section.strip() == markdown(result, path).strip(), (
+        "README's benchmark figures differ from bench/results/cpu-2core/bench.json: run "
+        "python -m pedro_ext.bench.report --markdown bench/results/cpu-2core/bench.json "
+        "--readme README.md")
+    # and every model-level figure of the json is in it
+    for r in result["rows"]:
+        if r["level"] == "model" and r.get("median_ms"):
+            assert f"{ms(r['median_ms'])}, IQR {ms(r['iqr_ms'])}" in section, r

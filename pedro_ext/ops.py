@@ -103,7 +103,9 @@ def modulate_(x: Tensor, vectors: Tensor, seq_ids: Optional[Tensor] = None, *,
 
 def act_mul_modulate(gate: Tensor, up: Tensor, vectors: Tensor, seq_ids: Optional[Tensor] = None,
                      activation: str = "silu", *, check_ids: bool = True) -> Tensor:
-    """Fused gated-MLP scaling: act(gate) * up * vectors[row] in one pass over memory.
+    """Fused gated-MLP scaling: act(gate) * up * vectors[row], with no pass over memory beyond
+    the bare MLP's (CUDA: one fused pass; CPU: torch's own activation pass, then one pass that
+    multiplies by up and scales).
 
     Semantics:
         act = silu (Llama, Mistral, Qwen) or gelu_tanh (Gemma: gelu with approximate="tanh")

@@ -1,0 +1,206 @@
+"""The study's plan (sweep -> final seeds -> PEDRO variants) and the execution of one run.
+
+Phases, each resumable (finished runs are read from runs.jsonl and skipped):
+  sweep:    every method at seed 0 over its learning-rate grid; when the best value sits at an
+            edge of the grid the grid is extended one step outward (up to `max_extend` times).
+            Also the untrained base model once per task.
+  final:    each method's best sweep configuration (lowest best dev loss) at seeds 0..n-1
+            (seed 0 is the sweep's run).
+  variants: PEDRO's best configuration with one group of overrides at a time, at the given seeds.
+"""
+import hashlib
+import json
+import math
+import os
+import tempfile
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional, Tuple
+
+import torch
+
+from pedro_ext.train import TrainConfig, train
+
+from .methods import METHODS, build, split_config, trainable_params
+from .store import RunStore, config_key, run_id
+from .tasks import TaskSpec, load_splits, score_test_split
+
+# learning rates are swept on this ladder (half-decades), so an extension is one rung outward
+LR_LADDER = (1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1, 1.0)
+
+
+@dataclass
+class Sweep:
+    key: str  # the swept config key
+    values: Tuple[float, ...]  # rungs of LR_LADDER
+    fixed: Dict = field(default_factory=dict)  # the method's other settings
+
+    def config(self, value) -> Dict:
+        return {**self.fixed, self.key: value}
+
+
+def _loadavg() -> Optional[float]:
+    try:
+        return os.getloadavg()[0]
+    except OSError:
+        return None
+
+
+class Study:
+    """load_model() -> (fresh base model, tokenizer); every run starts from a fresh model."""
+
+    def __init__(self, out: str, tasks: Dict[str, TaskSpec], sweeps: Dict[str, Sweep],
+                 variants: Dict[str, Dict], load_model: Callable, model_name: str,
+                 splits_loader: Callable = load_splits, max_extend: int = 2,
+                 log: Callable = print):
+        unknown = set(sweeps) - set(METHODS)
+        if unknown:
+            raise ValueError(f"sweeps for unknown methods {sorted(unknown)}")
+        for m, s in sweeps.items():
+            bad = [v for v in s.values if v not in LR_LADDER]
+            if bad:
+                raise ValueError(f"{m}: sweep values {bad} are not on LR_LADDER {LR_LADDER}")
+        self.out, self.tasks, self.sweeps, self.variants = out, tasks, sweeps, variants
+        self.load_model, self.model_name = load_model, model_name
+        self.splits_loader, self.max_extend, self.log = splits_loader, max_extend, log
+        self.fingerprints = {name: self._fingerprint(spec) for name, spec in tasks.items()}
+        self.store = RunStore(os.path.join(out, "runs.jsonl"), self.fingerprints)
+        self._splits: Dict[str, dict] = {}
+
+    # ------------------------------------------------------------------ identity
+    def _fingerprint(self, spec: TaskSpec) -> str:
+        blob = json.dumps({"model": self.model_name, "task": spec.to_dict()}, sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+    def settings(self) -> dict:
+        return {"model": self.model_name,
+                "tasks": {n: {**s.to_dict(), "fingerprint": self.fingerprints[n]}
+                          for n, s in self.tasks.items()},
+                "sweeps": {m: {"key": s.key, "values": list(s.values), "fixed": s.fixed}
+                           for m, s in self.sweeps.items()},
+                "lr_ladder": list(LR_LADDER), "max_extend": self.max_extend,
+                "variants": self.variants}
+
+    def splits(self, task: str, tokenizer) -> dict:
+        if task not in self._splits:
+            self._splits[task] = self.splits_loader(self.tasks[task], tokenizer)
+        return self._splits[task]
+
+    # ------------------------------------------------------------------ selection
+    def sweep_configs(self, task: str, method: str, runs: Dict[str, dict]) -> Tuple[List[Dict], bool]:
+        """(configurations the sweep needs so far, whether it is complete). Extends the grid
+        one rung past an edge while the best finished value sits on that edge."""
+        s = self.sweeps[method]
+        values = list(s.values)
+        for _ in range(self.max_extend + 1):
+            results = {v: runs.get(run_id(task, method, s.config(v), 0)) for v in values}
+            if any(r is None for r in results.values()):
+                return [s.config(v) for v in values], False
+            best = min(values, key=lambda v: results[v]["best_dev_loss"])
+            lo, hi = min(values), max(values)
+            i = LR_LADDER.index(best)
+            if len(values) - len(s.values) >= self.max_extend:
+                break
+            if best == lo and i > 0:
+                values.append(LR_LADDER[i - 1])
+            elif best == hi and i + 1 < len(LR_LADDER):
+                values.append(LR_LADDER[i + 1])
+            else:
+                break
+        return [s.config(v) for v in sorted(values)], True
+
+    def best_config(self, task: str, method: str, runs: Dict[str, dict]) -> Optional[Dict]:
+        configs, complete = self.sweep_configs(task, method, runs)
+        if not complete:
+            return None
+        return min(configs, key=lambda c: runs[run_id(task, method, c, 0)]["best_dev_loss"])
+
+    # ------------------------------------------------------------------ phases
+    def run_phase(self, phase: str, tasks: List[str], methods: List[str], seeds: int,
+                  variant_seeds: int) -> None:
+        for task in tasks:
+            if phase == "sweep":
+                self._ensure(task, "base", {}, 0, phase)
+                for method in methods:
+                    while True:
+                        configs, complete = self.sweep_configs(task, method, self.store.load())
+                        for c in configs:
+                            self._ensure(task, method, c, 0, phase)
+                        if complete:
+                            break
+            elif phase == "final":
+                for method in methods:
+                    best = self.best_config(task, method, self.store.load())
+                    if best is None:
+                        raise RuntimeError(f"{task}/{method}: run the sweep phase first")
+                    for seed in range(seeds):
+                        self._ensure(task, method, best, seed, phase)
+            elif phase == "variants":
+                base = self.best_config(task, "pedro", self.store.load())
+                if base is None:
+                    raise RuntimeError(f"{task}/pedro: run the sweep phase first")
+                for name, overrides in self.variants.items():
+                    config = {**base, **overrides}
+                    if config == base:
+                        self.log(f"skip variant {name}: {overrides} is PEDRO's best configuration")
+                        continue
+                    for seed in range(variant_seeds):
+                        self._ensure(task, "pedro", config, seed, phase, variant=name)
+            else:
+                raise ValueError(f"unknown phase {phase!r}")
+
+    def _ensure(self, task, method, config, seed, phase, variant=None) -> dict:
+        rid = run_id(task, method, config, seed)
+        done = self.store.load().get(rid)
+        if done is not None:
+            self.log(f"skip {rid} (finished)")
+            return done
+        self.log(f"run  {rid} [{phase}] load {_loadavg()}")
+        record = self.execute(task, method, config, seed)
+        record.update(run_id=rid, phase=phase, variant=variant)
+        self.store.append(record)
+        self.log(f"done {rid}: " + json.dumps({k: record[k] for k in (
+            "best_dev_loss", "best_step", "steps", "test_loss", "test_accuracy", "s_per_step")
+            if k in record}))
+        return record
+
+    # ------------------------------------------------------------------ one run
+    def execute(self, task: str, method: str, config: Dict, seed: int) -> dict:
+        spec = self.tasks[task]
+        t_start, load_start = time.time(), _loadavg()
+        model, tok = self.load_model()
+        splits = self.splits(task, tok)
+        record = dict(task=task, method=method, config=config, config_key=config_key(config),
+                      seed=seed, fingerprint=self.fingerprints[task],
+                      split_sizes={k: len(v) for k, v in splits.items()})
+        if method == "base":
+            record.update(score_test_split(model, tok, splits["test"], spec))
+            record.update(trainable_params=0, eval_s=time.time() - t_start,
+                          loadavg=[load_start, _loadavg()])
+            return record
+        adapter_cfg, train_cfg = split_config(method, config)
+        torch.manual_seed(seed)
+        net, fit, hyper = build(method, model, adapter_cfg)
+        tc = TrainConfig(steps=spec.steps, batch_size=spec.batch_size, eval_every=spec.eval_every,
+                         max_length=spec.max_length, seed=seed, progress=False, **train_cfg)
+        with tempfile.TemporaryDirectory() as tmp:
+            if fit is train:
+                tc.output_dir = tmp
+            summary = fit(net, tok, splits["train"], splits["dev"], tc)
+        train_s = time.time() - t_start
+        t_eval = time.time()
+        metrics = score_test_split(net, tok, splits["test"], spec)
+        history = summary["history"]
+        record.update(
+            trainable_params=trainable_params(net), adapter=hyper,
+            train_config={k: v for k, v in tc.__dict__.items() if k not in ("output_dir", "progress")},
+            best_dev_loss=summary["best_dev_loss"], best_step=summary["best_step"],
+            steps=summary["steps"], best_is_last=summary["best_step"] == summary["steps"],
+            dev_curve=[[h["step"], h["dev_loss"]] for h in history if "dev_loss" in h],
+            train_loss=[round(h["train_loss"], 5) for h in history],
+            train_s=train_s, s_per_step=summary["wall_s"] / max(1, summary["steps"]),
+            eval_s=time.time() - t_eval, loadavg=[load_start, _loadavg()], **metrics)
+        if not math.isfinite(record["test_loss"]):
+            raise RuntimeError(f"{task}/{method}/{config} seed {seed}: test loss is "
+                               f"{record['test_loss']}")
+        return record

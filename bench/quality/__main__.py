@@ -16,6 +16,7 @@ never recomputed: rerunning a phase skips finished runs, so phases and tasks can
 runs.jsonl after every invocation (and by --phase report).
 """
 import argparse
+import dataclasses
 import os
 import platform
 import tempfile
@@ -101,7 +102,7 @@ def main(argv=None):
     task_names = args.tasks.split(",") if args.tasks else list(tasks)
     if args.quick:
         tasks = {k: quick(v) for k, v in tasks.items()}
-        sweeps = {m: Sweep(s.key, s.values[:1], s.fixed) for m, s in sweeps.items()}
+        sweeps = {m: dataclasses.replace(s, values=s.values[:1]) for m, s in sweeps.items()}
         variants = dict(list(variants.items())[:1])
         args.seeds, args.variant_seeds, args.max_extend = 2, 2, 0
         task_names = args.tasks.split(",") if args.tasks else ["bbc"]

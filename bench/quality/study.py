@@ -34,9 +34,9 @@ class Sweep:
     key: str  # the swept config key
     values: Tuple[float, ...]  # rungs of LR_LADDER
     fixed: Dict = field(default_factory=dict)  # the method's other settings
-
-    def config(self, value) -> Dict:
-        return {**self.fixed, self.key: value}
+    # config key -> (method, key): taken from that method's best sweep configuration on the
+    # same task (e.g. PEDRO's static_lr from the pedro-static control's best lr)
+    inherit: Dict[str, Tuple[str, str]] = field(default_factory=dict)
 
 
 def _loadavg() -> Optional[float]:
@@ -76,8 +76,8 @@ class Study:
         return {"model": self.model_name,
                 "tasks": {n: {**s.to_dict(), "fingerprint": self.fingerprints[n]}
                           for n, s in self.tasks.items()},
-                "sweeps": {m: {"key": s.key, "values": list(s.values), "fixed": s.fixed}
-                           for m, s in self.sweeps.items()},
+                "sweeps": {m: {"key": s.key, "values": list(s.values), "fixed": s.fixed,
+                               "inherit": s.inherit} for m, s in self.sweeps.items()},
                 "lr_ladder": list(LR_LADDER), "max_extend": self.max_extend,
                 "variants": self.variants}
 
@@ -87,15 +87,33 @@ class Study:
         return self._splits[task]
 
     # ------------------------------------------------------------------ selection
+    def fixed_config(self, task: str, method: str, runs: Dict[str, dict]) -> Optional[Dict]:
+        """The method's fixed settings on `task`, inherited values resolved (None while the
+        sweep they come from is not complete)."""
+        s = self.sweeps[method]
+        fixed = dict(s.fixed)
+        for key, (source, source_key) in s.inherit.items():
+            best = self.best_config(task, source, runs)
+            if best is None:
+                return None
+            fixed[key] = best[source_key]
+        return fixed
+
     def sweep_configs(self, task: str, method: str, runs: Dict[str, dict]) -> Tuple[List[Dict], bool]:
         """(configurations the sweep needs so far, whether it is complete). Extends the grid
         one rung past an edge while the best finished value sits on that edge."""
         s = self.sweeps[method]
+        fixed = self.fixed_config(task, method, runs)
+        if fixed is None:
+            return [], False
+
+        def config(v):
+            return {**fixed, s.key: v}
         values = list(s.values)
         for _ in range(self.max_extend + 1):
-            results = {v: runs.get(run_id(task, method, s.config(v), 0)) for v in values}
+            results = {v: runs.get(run_id(task, method, config(v), 0)) for v in values}
             if any(r is None for r in results.values()):
-                return [s.config(v) for v in values], False
+                return [config(v) for v in values], False
             best = min(values, key=lambda v: results[v]["best_dev_loss"])
             lo, hi = min(values), max(values)
             i = LR_LADDER.index(best)
@@ -107,7 +125,7 @@ class Study:
                 values.append(LR_LADDER[i + 1])
             else:
                 break
-        return [s.config(v) for v in sorted(values)], True
+        return [config(v) for v in sorted(values)], True
 
     def best_config(self, task: str, method: str, runs: Dict[str, dict]) -> Optional[Dict]:
         configs, complete = self.sweep_configs(task, method, runs)
@@ -121,9 +139,15 @@ class Study:
         for task in tasks:
             if phase == "sweep":
                 self._ensure(task, "base", {}, 0, phase)
-                for method in methods:
+                # a sweep that inherits settings runs after the sweeps it inherits from
+                for method in sorted(methods, key=lambda m: bool(self.sweeps[m].inherit)):
                     while True:
-                        configs, complete = self.sweep_configs(task, method, self.store.load())
+                        runs = self.store.load()
+                        if self.fixed_config(task, method, runs) is None:
+                            raise RuntimeError(
+                                f"{task}/{method}: sweep {sorted(m for m, _ in self.sweeps[method].inherit.values())}"
+                                " first (this sweep inherits settings from theirs)")
+                        configs, complete = self.sweep_configs(task, method, runs)
                         for c in configs:
                             self._ensure(task, method, c, 0, phase)
                         if complete:

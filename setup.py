@@ -6,10 +6,13 @@ Environment:
   PEDRO_EXT_NO_CUDA=1      CPU kernels only
   TORCH_CUDA_ARCH_LIST     e.g. "8.0;9.0" (the default here: sm_80 and sm_90)
   MAX_JOBS, NVCC_THREADS   parallel compile jobs / nvcc threads per job
+
+Build against the installed torch: `pip install --no-build-isolation .` (see _require_torch).
 """
 import glob
 import os
 import shutil
+import subprocess
 import sys
 
 from setuptools import find_packages, setup
@@ -32,6 +35,44 @@ def _find_cuda_home():
     return next((c for c in candidates if is_toolkit(c)), None)
 
 
+def _require_torch():
+    """Stop at once, saying why and what to type, when torch cannot be imported.
+
+    The extension is compiled against torch's C++ headers and links to its libraries, so it
+    must be built with the very torch it will run with. torch is therefore not a declared
+    build requirement (pyproject.toml): under pip's default build isolation that would
+    download a second torch (gigabytes for a CUDA build) into a throw-away environment and
+    compile against it, and an extension built against another torch version or CUDA variant
+    than the installed one fails to load (undefined symbols) or crashes. flash-attn and apex
+    ask for --no-build-isolation for the same reason."""
+    try:
+        import torch  # noqa: F401
+        return
+    except ImportError:
+        pass
+    # pip's isolated build environment hides site-packages through PYTHONPATH (a
+    # sitecustomize) and PYTHONNOUSERSITE; without them the same interpreter sees the real ones.
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONNOUSERSITE")}
+    probe = subprocess.run([sys.executable, "-c", "import torch; print(torch.__version__)"],
+                           env=env, capture_output=True, text=True, cwd=ROOT)
+    if probe.returncode == 0:
+        found = (f"torch {probe.stdout.strip()} is installed for {sys.executable}, but this build "
+                 "cannot import it: pip builds in an isolated environment by default, which "
+                 "hides the installed packages.")
+    else:
+        found = f"torch is not installed for {sys.executable}: install it first (pip install torch)."
+    sys.exit(
+        "pedro_ext: cannot build without torch.\n"
+        f"{found}\n"
+        "pedro_ext compiles C++/CUDA kernels against the torch it will run with, so it builds\n"
+        "with the installed torch and no build isolation:\n"
+        "    pip install --no-build-isolation .        (or: pip install --no-build-isolation -e .)\n"
+        "Declaring torch as a build requirement instead would compile against a second, freshly\n"
+        "downloaded torch that need not match the installed one (the extension would then fail to\n"
+        "load), and download gigabytes on every build.")
+
+
+_require_torch()
 _cuda_home = _find_cuda_home()
 if _cuda_home:
     os.environ["CUDA_HOME"] = _cuda_home

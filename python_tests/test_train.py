@@ -1,20 +1,21 @@
-"""Training recipe: bi-level rational updates, loss goes down, best checkpoint, DDP."""
-import os
+"""Training recipe: parameter groups and their learning rates, bi-level rational updates,
+loss goes down, best / final checkpoint, metrics log. (DDP: test_train_cli.py.)"""
+import json
+import re
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
 import pedro_ext.train as train_mod
 from pedro_ext import PedroConfig, PedroModel, get_pedro_model
-from pedro_ext.train import TrainConfig, train
+from pedro_ext.train import TrainConfig, parameter_groups, train
 
-from tiny_models import CharTokenizer, tiny_model, toy_pairs
+from tiny_models import CharTokenizer, randomize_adapter, tiny_model, toy_pairs
 
 
-def _pedro(seed=0):
-    return get_pedro_model(tiny_model(seed=seed), PedroConfig(r=4))
+def _pedro(seed=0, **config):
+    return get_pedro_model(tiny_model(seed=seed), PedroConfig(r=4, **config))
 
 
 def test_bilevel_moves_coefficients_only_on_heldout_steps(monkeypatch):
@@ -99,34 +100,133 @@ def test_early_stopping_stops():
     assert summary["steps"] == 3  # best at step 1, then two evaluations without improvement
 
 
-def _ddp_worker(rank, world, port, out_dir):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
-    torch.set_num_threads(1)
-    pedro = _pedro(seed=0)
-    train(pedro, CharTokenizer(), toy_pairs(32, seed=1), toy_pairs(16, seed=2), _ddp_cfg())
-    if rank == 0:
-        torch.save(pedro.adapter_state_dict("default"), os.path.join(out_dir, "ddp.pt"))
-    torch.distributed.destroy_process_group()
+def _expected_group(name):
+    """The recipe's groups, from the parameter names the wrapper gives them."""
+    leaf = name.rsplit(".", 1)[-1]
+    return "static" if leaf == "b_up" else "rational" if leaf in ("rat_num", "rat_den") \
+        else "generator"
 
 
-def _ddp_cfg():
-    return TrainConfig(steps=4, batch_size=8, grad_accum=2, lr=1e-2, rational_lr=1e-2,
-                       eval_every=100, max_length=64, progress=False)
+@pytest.mark.parametrize("mode", ["joint", "bilevel"])
+def test_each_group_gets_its_learning_rate_and_moves_by_it(mode):
+    """AdamW's first step moves a parameter by lr * g / (|g| + eps): every element moves by at
+    most its group's lr, and the largest move in each group is that lr."""
+    pedro = _pedro(pooling="attention")  # (the attention query is a generator parameter)
+    randomize_adapter(pedro, "default", seed=3, scale=0.2)  # every gradient non-zero
+    names = {id(p): n for n, p in pedro.named_parameters()}
+    params = {names[id(p)]: p for p in pedro.adapter_parameters("default")}
+    assert any(n.endswith("att_query") for n in params)
+    before = {n: p.detach().clone() for n, p in params.items()}
+    lrs = {"static": 3e-3, "generator": 1e-3, "rational": 2e-4}
+    cfg = TrainConfig(steps=1, batch_size=4, lr=lrs["generator"], static_lr=lrs["static"],
+                      rational_lr=lrs["rational"], rational_mode=mode, warmup_ratio=0.0,
+                      max_length=64, progress=False)
+    groups = {g["name"]: g for g in parameter_groups(pedro, "default", cfg)}
+    assert {k: g["lr"] for k, g in groups.items()} == lrs
+    for kind, g in groups.items():
+        assert sorted(names[id(p)] for p in g["params"]) == \
+            sorted(n for n in params if _expected_group(n) == kind)
+    used = []  # (group name, lr) of every optimizer step
+    handle = register_optimizer_step_post_hook(
+        lambda opt, a, k: used.append([(g["name"], g["lr"]) for g in opt.param_groups]))
+    try:
+        train(pedro, CharTokenizer(), toy_pairs(8), toy_pairs(4, seed=7) if mode == "bilevel" else [],
+              cfg)
+    finally:
+        handle.remove()
+    if mode == "joint":
+        assert used == [[("static", 3e-3), ("generator", 1e-3), ("rational", 2e-4)]]
+    else:  # a training step, then a held-out step for the coefficients
+        assert used == [[("static", 3e-3), ("generator", 1e-3)], [("rational", 2e-4)]]
+    for kind, lr in lrs.items():
+        moved = max((params[n] - before[n]).abs().max().item() for n in params
+                    if _expected_group(n) == kind)
+        assert moved == pytest.approx(lr, rel=1e-3), kind
 
 
-def test_ddp_matches_single_process(tmp_path):
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.start_processes(_ddp_worker, args=(2, port, str(tmp_path)), nprocs=2, join=True,
-                       start_method="spawn")
-    ddp = torch.load(tmp_path / "ddp.pt")
-    pedro = _pedro(seed=0)
-    train(pedro, CharTokenizer(), toy_pairs(32, seed=1), toy_pairs(16, seed=2), _ddp_cfg())
-    single = pedro.adapter_state_dict("default")
-    start = _pedro(seed=0).adapter_state_dict("default")
-    assert any(not torch.equal(single[k], start[k]) for k in single)
-    for k in single:
-        torch.testing.assert_close(ddp[k], single[k], rtol=1e-4, atol=1e-6)
+def test_parameters_the_generator_gains_land_in_the_generator_group():
+    from pedro_ext.layer import PedroAdapterWeights
+    pedro = _pedro()
+    for m in pedro.modules():
+        if isinstance(m, PedroAdapterWeights):  # e.g. a norm of the pooled input
+            m.register_parameter("pooled_norm_weight", torch.nn.Parameter(torch.ones(3)))
+    groups = {g["name"]: g for g in parameter_groups(pedro, "default", TrainConfig())}
+    new = [p for m in pedro.modules() if isinstance(m, PedroAdapterWeights)
+           for p in [m.pooled_norm_weight]]
+    assert len(new) == 2
+    assert all(any(p is q for q in groups["generator"]["params"]) for p in new)
+    frozen = {g["name"] for g in parameter_groups(pedro, "default", TrainConfig(rational_mode="frozen"))}
+    assert frozen == {"static", "generator"}
+
+
+def test_frozen_mode_restores_requires_grad():
+    pedro = _pedro()
+    train(pedro, CharTokenizer(), toy_pairs(8), [],
+          TrainConfig(steps=1, batch_size=4, rational_mode="frozen", progress=False))
+    assert all(p.requires_grad for p in pedro.rational_parameters())
+
+
+def test_metrics_log_the_learning_rate_each_step_used(tmp_path):
+    used = []
+    handle = register_optimizer_step_post_hook(
+        lambda opt, a, k: used.append({g["name"]: g["lr"] for g in opt.param_groups}))
+    try:
+        train(_pedro(), CharTokenizer(), toy_pairs(8), [],
+              TrainConfig(steps=5, batch_size=4, lr=1e-2, static_lr=2e-2, rational_lr=1e-3,
+                          rational_mode="joint", warmup_ratio=0.4, output_dir=str(tmp_path),
+                          progress=False))
+    finally:
+        handle.remove()
+    records = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+    factors = [0.5, 1.0, 1.0, 2 / 3, 1 / 3]  # 2 warm-up steps, then linear decay to the end
+    for record, f, step_used in zip(records, factors, used):
+        assert record["lr_generator"] == pytest.approx(1e-2 * f)
+        assert record["lr_static"] == pytest.approx(2e-2 * f)
+        assert record["lr_rational"] == pytest.approx(1e-3 * f)
+        assert step_used == {k[3:]: v for k, v in record.items() if k.startswith("lr_")}
+    assert len(records) == len(used) == 5
+
+
+def test_without_dev_the_final_adapter_is_saved(tmp_path):
+    tok = CharTokenizer()
+    pedro = get_pedro_model(tiny_model(), PedroConfig(r=4), adapter_name="caps")
+    summary = train(pedro, tok, toy_pairs(8), [],
+                    TrainConfig(steps=3, batch_size=4, lr=1e-2, rational_mode="joint",
+                                output_dir=str(tmp_path), progress=False))
+    assert summary["best_dev_loss"] is None and summary["best_step"] is None
+    json.dumps({k: v for k, v in summary.items()}, allow_nan=False)  # valid JSON
+    assert summary["adapter_dir"] == str(tmp_path / "final" / "caps")
+    reloaded = PedroModel.from_pretrained(tiny_model(), summary["adapter_dir"], adapter_name="caps")
+    trained = pedro.adapter_state_dict("caps")
+    assert any(not torch.equal(v, _pedro().adapter_state_dict("default")[k]) for k, v in trained.items())
+    for k, v in reloaded.adapter_state_dict("caps").items():
+        assert torch.equal(v, trained[k]), k
+
+
+def test_train_takes_text_label_rows_and_names_bad_rows():
+    pedro = _pedro()
+    rows = [{"text": "apple 12", "label": "aaa"}, {"prompt": "berry 3 is", "response": " bbb"},
+            ("cherry 4 is", " ccc"), {"text": "dates 5", "label": 3}]
+    summary = train(pedro, CharTokenizer(), rows, [],
+                    TrainConfig(steps=1, batch_size=4, rational_mode="joint", progress=False))
+    assert summary["steps"] == 1
+    before = {k: v.clone() for k, v in pedro.adapter_state_dict("default").items()}
+    for bad, message in (([("a", "b"), {"prompt": None, "response": "x"}],
+                          "train_pairs[1]: 'prompt' must be a string, got None"),
+                         ([("a", "b"), {"question": "q"}], "train_pairs[1]: need keys"),
+                         ([], "train_pairs is empty")):
+        with pytest.raises(ValueError, match=re.escape(message)):
+            train(pedro, CharTokenizer(), bad, [], TrainConfig(rational_mode="joint", progress=False))
+    with pytest.raises(ValueError, match="needs held-out pairs"):
+        train(pedro, CharTokenizer(), rows, [], TrainConfig(progress=False))
+    for k, v in pedro.adapter_state_dict("default").items():
+        assert torch.equal(v, before[k])
+
+
+@pytest.mark.parametrize("field, value", [("steps", 0), ("batch_size", -1), ("lr", float("nan")),
+                                          ("static_lr", -1.0), ("warmup_ratio", 2.0),
+                                          ("rational_mode", "sometimes"), ("max_length", 1),
+                                          ("label_prompt_template", "no text field")])
+def test_train_config_rejects_bad_values(field, value):
+    with pytest.raises(ValueError, match=field):
+        TrainConfig(**{field: value})

@@ -1,0 +1,78 @@
+"""The default rational initialisation: a (5, 4) GELU fit that is accurate on [-8, 8] and keeps
+GELU's shape beyond it (the op kernels take coefficients as data, so they evaluate it as is)."""
+import pytest
+import torch
+
+import pedro_ext
+from pedro_ext import PedroConfig, reference
+from pedro_ext.activations import (GELU_DEN, GELU_NUM, GELU_WIDE_DEN, GELU_WIDE_NUM,
+                                   GELU_WIDE_RANGE, fit_gelu, gelu, rational_init)
+from pedro_ext.layer import PedroAdapterWeights
+
+F64 = dict(dtype=torch.float64)
+
+
+def _wide(x):
+    return pedro_ext.rational(x, torch.tensor(GELU_WIDE_NUM, **F64).to(x.dtype),
+                              torch.tensor(GELU_WIDE_DEN, **F64).to(x.dtype))
+
+
+def _tails_ok(num, den):
+    """GELU-like tails up to |x| = 1e6: x/2 + 4 <= R(x) <= x + 0.002 for x >= 8, and
+    x/2 + 4 <= R(x) <= 0.002 for x <= -8; within 6% of x on [8, 16], |R| <= 0.82 on [-16, -8]."""
+    x = torch.logspace(torch.log10(torch.tensor(8.0)).item(), 6, 20001, **F64)
+    num, den = torch.tensor(num, **F64), torch.tensor(den, **F64)
+    pos, neg = reference.rational(x, num, den), reference.rational(-x, num, den)
+    near = x <= 16
+    return bool((pos >= x / 2 + 4).all() and (pos <= x + 2e-3).all()
+                and (neg >= -x / 2 + 4).all() and (neg <= 2e-3).all()
+                and ((pos - x).abs()[near] <= 0.06 * x[near]).all()
+                and (neg.abs()[near] <= 0.82).all())
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_wide_gelu_fit_error_on_its_range(dtype):
+    z = torch.linspace(*GELU_WIDE_RANGE, 100001, **F64)
+    err = (_wide(z.to(dtype)).double() - gelu(z)).abs().max().item()
+    assert err < 3.4e-3 + (1e-5 if dtype == torch.float32 else 1e-9)
+    # the kernel and the pure-PyTorch reference agree on the new coefficients
+    ref = reference.rational(z.to(dtype), torch.tensor(GELU_WIDE_NUM, dtype=dtype),
+                             torch.tensor(GELU_WIDE_DEN, dtype=dtype))
+    torch.testing.assert_close(_wide(z.to(dtype)), ref)
+
+
+def test_wide_gelu_fit_has_gelu_like_tails():
+    assert _tails_ok(GELU_WIDE_NUM, GELU_WIDE_DEN)
+    # the check can fail: the old [-3, 3] fit turns the wrong way past its range
+    assert not _tails_ok(GELU_NUM, GELU_DEN)
+    x = torch.tensor([8.0, -8.0], **F64)
+    old = reference.rational(x, torch.tensor(GELU_NUM, **F64), torch.tensor(GELU_DEN, **F64))
+    assert old[0] < 0 < old[1]
+
+
+def test_stored_coefficients_are_what_the_fit_produces():
+    num, den = fit_gelu(5, 4, stored=False)  # ~3 s
+    torch.testing.assert_close(torch.tensor(num, **F64), torch.tensor(GELU_WIDE_NUM, **F64),
+                               rtol=1e-6, atol=1e-9)
+    torch.testing.assert_close(torch.tensor(den, **F64), torch.tensor(GELU_WIDE_DEN, **F64),
+                               rtol=1e-6, atol=1e-9)
+
+
+def test_new_adapters_start_from_the_wide_fit():
+    num, den = rational_init("gelu", 5, 4)
+    assert num.tolist() == list(GELU_WIDE_NUM) and den.tolist() == list(GELU_WIDE_DEN)
+    w = PedroAdapterWeights(PedroConfig(r=2), d=4, big_d=6)
+    torch.testing.assert_close(w.rat_num.double(), num, rtol=0, atol=1e-7)
+    torch.testing.assert_close(w.rat_den.double(), den, rtol=0, atol=1e-7)
+
+
+def test_other_degrees_are_fitted_on_the_wide_range():
+    z = torch.linspace(*GELU_WIDE_RANGE, 2001, **F64)
+
+    def max_err(coefficients):
+        num, den = (torch.tensor(c, **F64) for c in coefficients)
+        return (reference.rational(z, num, den) - gelu(z)).abs().max().item()
+
+    # (3, 2): 0.154 when fitted on [-8, 8], 1.6 there when fitted on [-3, 3]
+    assert max_err(fit_gelu(3, 2)) < 0.16
+    assert max_err(fit_gelu(3, 2, -3.0, 3.0)) > 1.0

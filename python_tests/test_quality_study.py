@@ -36,11 +36,9 @@ def toy_task(steps=2):
 
 
 SWEEPS = {
-    "pedro": Sweep("lr", (1e-3, 1e-2), {"r": 2}),
+    "pedro": Sweep("lr", (1e-3, 1e-2), {"r": 2}, {"static_lr": ("pedro-static", "lr")}),
     "pedro-static": Sweep("lr", (1e-2,)),
     "lora-qv": Sweep("lr", (1e-3,), {"r": 2}),
-    "lora-qvu": Sweep("lr", (1e-3,), {"r": 1}),
-    "ia3": Sweep("lr", (1e-2,)),
 }
 
 
@@ -60,16 +58,18 @@ def test_phases_resume_extend_and_pair(tmp_path):
     study.run_phase("sweep", ["toy"], list(SWEEPS), seeds=2, variant_seeds=2)
     first = lines(tmp_path)
     # base + every sweep extended by one rung (the best of a grid of 1 or 2 is on an edge)
-    assert len(first) == 1 + 3 + 4 * 2
+    assert len(first) == 1 + 3 + 2 * 2
     pedro_lrs = sorted(r["config"]["lr"] for r in first if r["method"] == "pedro")
     assert pedro_lrs in ([3e-4, 1e-3, 1e-2], [1e-3, 1e-2, 3e-2])
+    static_best = study.best_config("toy", "pedro-static", study.store.load())["lr"]
+    assert {r["config"]["static_lr"] for r in first if r["method"] == "pedro"} == {static_best}
     study.run_phase("sweep", ["toy"], list(SWEEPS), seeds=2, variant_seeds=2)
     assert len(lines(tmp_path)) == len(first)  # finished runs are skipped, not recomputed
 
     study.run_phase("final", ["toy"], list(SWEEPS), seeds=2, variant_seeds=2)
     study.run_phase("variants", ["toy"], list(SWEEPS), seeds=2, variant_seeds=2)
     runs = study.store.load()
-    assert len(runs) == len(first) + 5 + 2
+    assert len(runs) == len(first) + 3 + 2
     best = study.best_config("toy", "pedro", runs)
     sweep_runs = [r for r in runs.values() if r["method"] == "pedro" and r["seed"] == 0
                   and r.get("variant") is None]
@@ -77,9 +77,9 @@ def test_phases_resume_extend_and_pair(tmp_path):
 
     rep = report.write(study, runs, {"cpu": "test"}, str(tmp_path))
     t = rep["tasks"]["toy"]
-    p = t["paired_vs_pedro"]["ia3"]["test_loss"]
-    ia3 = study.best_config("toy", "ia3", runs)
-    want = [runs[run_id("toy", "ia3", ia3, s)]["test_loss"] - runs[run_id("toy", "pedro", best, s)]["test_loss"]
+    p = t["paired_vs_pedro"]["lora-qv"]["test_loss"]
+    lora = study.best_config("toy", "lora-qv", runs)
+    want = [runs[run_id("toy", "lora-qv", lora, s)]["test_loss"] - runs[run_id("toy", "pedro", best, s)]["test_loss"]
             for s in (0, 1)]
     assert p["n"] == 2 and p["diffs"] == pytest.approx(want)
     assert p["se"] == pytest.approx(abs(want[0] - want[1]) / 2)

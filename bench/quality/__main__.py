@@ -39,7 +39,8 @@ PEDRO_BASE = {"r": 12}
 # (1,094,400), q,v,up rank 9 (1,088,640). Pinned, so that a change to PEDRO does not silently
 # change the baselines' run ids; check_matched_lora() reports the match in quality.json.
 SWEEPS = {
-    "pedro": Sweep("lr", (1e-3, 3e-3, 1e-2), PEDRO_BASE),
+    # the generator's lr is swept; b_up (static_lr) gets the control's best lr on the same task
+    "pedro": Sweep("lr", (1e-3, 3e-3, 1e-2), PEDRO_BASE, {"static_lr": ("pedro-static", "lr")}),
     "pedro-static": Sweep("lr", (3e-3, 1e-2, 3e-2)),
     "lora-qv": Sweep("lr", (1e-3, 3e-3, 1e-2), {"r": 19}),
     "lora-qvu": Sweep("lr", (1e-3, 3e-3, 1e-2), {"r": 9}),

@@ -103,7 +103,7 @@ def score_test_split(model, tokenizer, pairs: Pairs, spec: TaskSpec, batch_size:
         if label_ids is not None:
             first = torch.searchsorted(keep, b["prompt_lengths"] - 1)  # the prompt's last token
             scores = logits[torch.arange(len(chunk)), first][:, label_ids]
-            gold = torch.tensor([label_ids.index(e["input_ids"][e["prompt_length"]]) for e in chunk])
+            gold = torch.tensor([label_ids.index(e["input_ids"][e["prompt_lengths"]]) for e in chunk])
             correct += int((scores.argmax(-1) == gold).sum())
     out = {"test_loss": loss_sum / max(tokens, 1)}
     out["test_ppl"] = math.exp(out["test_loss"])

@@ -135,3 +135,42 @@ def test_bf16_matmuls_round_only_the_gemm():
     model.lm_head.weight.requires_grad_(True)
     with pytest.raises(RuntimeError, match="frozen"):
         model.lm_head(x)
+
+
+def test_claims_share_runs_between_workers(tmp_path):
+    import subprocess
+    import sys
+    from bench.quality.store import Claims
+    claims = Claims(str(tmp_path / "claims"))
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        path = claims._path("t/m/-/seed0")
+        os.makedirs(os.path.dirname(path))
+        with open(path, "w") as f:
+            f.write(str(other.pid))
+        assert claims.acquire("t/m/-/seed0") == other.pid  # a live worker holds it
+        assert claims.active()
+    finally:
+        other.kill()
+        other.wait()
+    assert claims.acquire("t/m/-/seed0") is None  # its worker is gone: taken over
+    assert claims.acquire("t/m/-/seed1") is None
+    claims.release("t/m/-/seed0")
+    claims.release("t/m/-/seed1")
+    assert not claims.active() and os.listdir(tmp_path / "claims") == []
+
+    study = make_study(tmp_path / "study")
+    rid = run_id("toy", "base", {}, 0)
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        path = study.claims._path(rid)
+        os.makedirs(os.path.dirname(path))
+        with open(path, "w") as f:
+            f.write(str(holder.pid))
+        assert study._ensure("toy", "base", {}, 0, "sweep") is False  # held elsewhere: skipped
+        assert study.store.load() == {}
+    finally:
+        holder.kill()
+        holder.wait()
+    assert study._ensure("toy", "base", {}, 0, "sweep") is True
+    assert list(study.store.load()) == [rid]

@@ -22,7 +22,7 @@ import torch
 from pedro_ext.train import TrainConfig, train
 
 from .methods import METHODS, build, split_config, trainable_params
-from .store import RunStore, config_key, run_id
+from .store import Claims, RunStore, config_key, run_id
 from .tasks import TaskSpec, load_splits, score_test_split
 
 # learning rates are swept on this ladder (half-decades), so an extension is one rung outward
@@ -65,6 +65,7 @@ class Study:
         self.splits_loader, self.max_extend, self.log = splits_loader, max_extend, log
         self.fingerprints = {name: self._fingerprint(spec) for name, spec in tasks.items()}
         self.store = RunStore(os.path.join(out, "runs.jsonl"), self.fingerprints)
+        self.claims = Claims(os.path.join(out, "claims"))
         self._splits: Dict[str, dict] = {}
 
     # ------------------------------------------------------------------ identity
@@ -135,58 +136,90 @@ class Study:
 
     # ------------------------------------------------------------------ phases
     def run_phase(self, phase: str, tasks: List[str], methods: List[str], seeds: int,
-                  variant_seeds: int) -> None:
-        for task in tasks:
-            if phase == "sweep":
-                self._ensure(task, "base", {}, 0, phase)
-                # a sweep that inherits settings runs after the sweeps it inherits from
-                for method in sorted(methods, key=lambda m: bool(self.sweeps[m].inherit)):
-                    while True:
-                        runs = self.store.load()
-                        if self.fixed_config(task, method, runs) is None:
-                            raise RuntimeError(
-                                f"{task}/{method}: sweep {sorted(m for m, _ in self.sweeps[method].inherit.values())}"
-                                " first (this sweep inherits settings from theirs)")
-                        configs, complete = self.sweep_configs(task, method, runs)
-                        for c in configs:
-                            self._ensure(task, method, c, 0, phase)
-                        if complete:
-                            break
-            elif phase == "final":
-                for method in methods:
-                    best = self.best_config(task, method, self.store.load())
-                    if best is None:
-                        raise RuntimeError(f"{task}/{method}: run the sweep phase first")
-                    for seed in range(seeds):
-                        self._ensure(task, method, best, seed, phase)
-            elif phase == "variants":
-                base = self.best_config(task, "pedro", self.store.load())
-                if base is None:
-                    raise RuntimeError(f"{task}/pedro: run the sweep phase first")
-                for name, overrides in self.variants.items():
-                    config = {**base, **overrides}
-                    if config == base:
-                        self.log(f"skip variant {name}: {overrides} is PEDRO's best configuration")
-                        continue
-                    for seed in range(variant_seeds):
-                        self._ensure(task, "pedro", config, seed, phase, variant=name)
-            else:
-                raise ValueError(f"unknown phase {phase!r}")
+                  variant_seeds: int, wait_s: float = 60.0) -> None:
+        """Run every missing run of `phase`. A job (task, method) that waits on runs held by
+        another worker, or on a sweep it depends on, is retried after the others; when every
+        remaining job waits and no other worker holds a claim, that is an error."""
+        if phase not in ("sweep", "final", "variants"):
+            raise ValueError(f"unknown phase {phase!r}")
+        if phase == "variants":
+            methods = ["pedro"]
+        # a sweep that inherits settings comes after the sweeps it inherits from
+        jobs = [(t, m) for t in tasks for m in sorted(methods, key=lambda m: bool(self.sweeps[m].inherit))]
+        if phase == "sweep":
+            jobs = [(t, "base") for t in tasks] + jobs
+        unattended = 0  # consecutive passes where everything waited and no worker held a claim
+        while jobs:
+            states = {job: self._advance(phase, *job, seeds, variant_seeds) for job in jobs}
+            jobs = [job for job, state in states.items() if state != "done"]
+            if not jobs or any(states[job] == "progress" for job in jobs):
+                unattended = 0
+                continue
+            if self.claims.active():
+                unattended = 0
+                self.log(f"wait {wait_s:.0f} s: {jobs} need runs other workers hold")
+                time.sleep(wait_s)
+                continue
+            unattended += 1
+            if unattended >= 2:
+                raise RuntimeError(f"{phase}: {jobs} wait on sweeps nobody is running (run the "
+                                   "sweep phase for them first)")
 
-    def _ensure(self, task, method, config, seed, phase, variant=None) -> dict:
+    def _wanted(self, phase, task, method, seeds, variant_seeds) -> Optional[List[tuple]]:
+        """(config, seed, variant) runs the job needs now; None while it waits on a sweep."""
+        runs = self.store.load()
+        if method == "base":
+            return [({}, 0, None)]
+        if phase == "sweep":
+            if self.fixed_config(task, method, runs) is None:
+                return None
+            return [(c, 0, None) for c in self.sweep_configs(task, method, runs)[0]]
+        best = self.best_config(task, method, runs)
+        if best is None:
+            return None
+        if phase == "final":
+            return [(best, seed, None) for seed in range(seeds)]
+        wanted = []
+        for name, overrides in self.variants.items():
+            config = {**best, **overrides}
+            if config != best:  # (a variant equal to the best configuration is the base itself)
+                wanted += [(config, seed, name) for seed in range(variant_seeds)]
+        return wanted
+
+    def _advance(self, phase, task, method, seeds, variant_seeds) -> str:
+        """Run what the job needs: "done" when it needs nothing more, "wait" when what is left
+        is held by other workers or waits on another sweep, else "progress"."""
+        wanted = self._wanted(phase, task, method, seeds, variant_seeds)
+        if wanted is None:
+            return "wait"
+        runs = self.store.load()
+        missing = [(c, s, v) for c, s, v in wanted if run_id(task, method, c, s) not in runs]
+        if not missing:
+            return "done"
+        ran = False
+        for config, seed, variant in missing:
+            ran |= self._ensure(task, method, config, seed, phase, variant)
+        return "progress" if ran else "wait"
+
+    def _ensure(self, task, method, config, seed, phase, variant=None) -> bool:
+        """Run one run unless it is finished or another worker holds it; True if it ran."""
         rid = run_id(task, method, config, seed)
-        done = self.store.load().get(rid)
-        if done is not None:
-            self.log(f"skip {rid} (finished)")
-            return done
-        self.log(f"run  {rid} [{phase}] load {_loadavg()}")
-        record = self.execute(task, method, config, seed)
-        record.update(run_id=rid, phase=phase, variant=variant)
-        self.store.append(record)
+        holder = self.claims.acquire(rid)
+        if holder is not None:
+            return False
+        try:
+            if rid in self.store.load():  # finished since we looked
+                return False
+            self.log(f"run  {rid} [{phase}] load {_loadavg()}")
+            record = self.execute(task, method, config, seed)
+            record.update(run_id=rid, phase=phase, variant=variant)
+            self.store.append(record)
+        finally:
+            self.claims.release(rid)
         self.log(f"done {rid}: " + json.dumps({k: record[k] for k in (
             "best_dev_loss", "best_step", "steps", "test_loss", "test_accuracy", "s_per_step")
             if k in record}))
-        return record
+        return True
 
     # ------------------------------------------------------------------ one run
     def execute(self, task: str, method: str, config: Dict, seed: int) -> dict:

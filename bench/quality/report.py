@@ -222,7 +222,7 @@ def write(study, runs: Dict[str, dict], machine: dict, out: str, **extra) -> dic
     rep["settings"].update(extra)
     rep["runs"] = sorted(runs.values(), key=lambda r: r["run_id"])
     for name, text in (("quality.json", json.dumps(rep, indent=1)), ("quality.md", markdown(rep))):
-        tmp = os.path.join(out, name + ".tmp")
+        tmp = os.path.join(out, f"{name}.{os.getpid()}.tmp")  # (workers may write at once)
         with open(tmp, "w") as f:
             f.write(text + "\n")
         os.replace(tmp, os.path.join(out, name))

@@ -58,7 +58,8 @@ step raise_check 60 "$TMP/raise_check.log" python3 -c "$RAISE_CHECK"
   cat "$TMP/raise_check.log"; } >> "$RES/build.log" 2>&1
 PYTEST=(python3 -m pytest -q -p no:cacheprovider -rfE)
 XDIST=(); python3 -c 'import xdist' 2>/dev/null && XDIST=(-n 8)  # a crash then kills one worker, not the run
-TESTS=(python_tests/test_ops_cuda.py python_tests/test_ops.py)
+# the op suite, and every test file that has CUDA-only tests (wrapper, training, LoRA baseline)
+TESTS=(python_tests/test_ops.py $(grep -l "requires_cuda\|needs a CUDA GPU" python_tests/test_*.py | grep -v test_ops.py))
 [ -f python_tests/test_fuzz.py ] && TESTS+=(python_tests/test_fuzz.py)
 step tests 200 "$RES/tests.log" "${PYTEST[@]}" "${XDIST[@]}" --junitxml="$TMP/tests.xml" "${TESTS[@]}"
 SUBSET=(python_tests/test_ops_cuda.py -k "generate_cuda and float32 or modulate_cuda and float16 or generate_and_modulate_cuda or bad_ids")

@@ -5,6 +5,8 @@ from .ops import generate, generate_and_modulate, modulate, rational
 from . import reference
 from .config import PedroConfig
 from .model import PedroModel, get_pedro_model
+from . import diagnostics
 
 __all__ = ["build_info", "set_cuda_index_checks", "generate", "generate_and_modulate",
-           "modulate", "rational", "reference", "PedroConfig", "PedroModel", "get_pedro_model"]
+           "modulate", "rational", "reference", "PedroConfig", "PedroModel", "get_pedro_model",
+           "diagnostics"]

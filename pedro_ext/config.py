@@ -8,6 +8,8 @@ from typing import List, Optional, Tuple
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 POOLING_MODES = ("mean", "last", "max", "attention")
+POOL_NORMS = ("none", "rms", "layer")
+TASK_TYPES = (None, "CAUSAL_LM")
 
 # Modules whose outputs PEDRO scales, per architecture: Q, V and the FFN up-projection.
 DEFAULT_TARGET_MODULES = {
@@ -30,12 +32,23 @@ class PedroConfig:
         input of the first one (q_proj: the normalised hidden states). None: the architecture's
         default (Q, V, FFN up).
     rational_degrees: (m, n) of the rational activation P_m / (1 + |A_n|).
-    rational_init: "gelu" (a least-squares fit of GELU on [-3, 3]) or "identity".
+    rational_init: "gelu" (a near-minimax fit of GELU on [-8, 8] with GELU-shaped tails,
+        pedro_ext.activations) or "identity".
     rational_trainable: whether the rational coefficients are trained at all.
-    dropout: dropout on the pooled vector during training.
+    pool_norm: normalisation of the pooled vector before the down-projection: "none", "rms"
+        (x / rms(x)) or "layer" ((x - mean) / std). The pooled hidden states of early layers are
+        tiny (RMS ~0.03 in SmolLM2's layer 0), which leaves z = pooled @ w_down near zero where
+        the rational unit is linear; a norm gives every layer's generator an input of RMS 1.
+    pool_norm_affine: give the norm a learnable elementwise scale (and, for "layer", a shift),
+        initialised at 1 (and 0). Without it the norm has no parameters.
+    dropout: dropout on the pooled vector during training (each row of a mixed batch uses its
+        own adapter's rate).
     init_scale: std of w_down is init_scale / sqrt(d); w_up and b_up start at zero, so a fresh
-        adapter is exactly the identity.
+        adapter is exactly the identity whatever the other options.
     layers_to_transform: decoder-layer indices to adapt (None: all).
+    task_type: as in peft configs; PEDRO adapts causal LMs: None or "CAUSAL_LM".
+    modules_to_save: as in peft configs; PEDRO trains no copies of base modules, so only None
+        or an empty list is accepted.
     """
 
     r: int = 12
@@ -44,10 +57,14 @@ class PedroConfig:
     rational_degrees: Tuple[int, int] = (5, 4)
     rational_init: str = "gelu"
     rational_trainable: bool = True
+    pool_norm: str = "none"
+    pool_norm_affine: bool = False
     dropout: float = 0.0
     init_scale: float = 1.0
     layers_to_transform: Optional[List[int]] = None
     inference_mode: bool = False
+    task_type: Optional[str] = None
+    modules_to_save: Optional[List[str]] = None
     base_model_name_or_path: Optional[str] = None
     peft_type: str = "PEDRO"
     # Filled in when the adapter is attached, checked when it is loaded into a model.
@@ -71,6 +88,18 @@ class PedroConfig:
             raise ValueError(f"PedroConfig.rational_init must be 'gelu' or 'identity', got {self.rational_init!r}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"PedroConfig.dropout must be in [0, 1), got {self.dropout}")
+        if self.pool_norm not in POOL_NORMS:
+            raise ValueError(f"PedroConfig.pool_norm must be one of {POOL_NORMS}, got {self.pool_norm!r}")
+        if not (isinstance(self.init_scale, (int, float)) and 0 <= self.init_scale < float("inf")):
+            raise ValueError(f"PedroConfig.init_scale must be a finite number >= 0, got {self.init_scale!r}")
+        self.task_type = getattr(self.task_type, "value", self.task_type)  # peft's TaskType enum
+        if self.task_type not in TASK_TYPES:
+            raise ValueError(f"PedroConfig.task_type must be None or 'CAUSAL_LM' (PEDRO adapts causal "
+                             f"LMs), got {self.task_type!r}")
+        if self.modules_to_save:
+            raise ValueError(
+                f"PedroConfig.modules_to_save={self.modules_to_save!r} is not supported: PEDRO trains "
+                "only its vector generators, no copies of base-model modules; leave it None")
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
@@ -87,9 +116,10 @@ class PedroConfig:
         cfg.extra.update({k: d[k] for k in unknown})
         return cfg
 
-    def save_pretrained(self, save_directory: str) -> None:
+    def save_pretrained(self, save_directory: str, file: Optional[str] = None) -> None:
+        """Write adapter_config.json into save_directory (or to `file`)."""
         os.makedirs(save_directory, exist_ok=True)
-        with open(os.path.join(save_directory, CONFIG_NAME), "w") as f:
+        with open(file or os.path.join(save_directory, CONFIG_NAME), "w") as f:
             json.dump(self.to_dict(), f, indent=2, sort_keys=True)
 
     @classmethod

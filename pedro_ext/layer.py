@@ -1,8 +1,9 @@
 """PEDRO's per-layer pieces: one adapter's generator weights, the per-layer bank that stacks every
-adapter for the ops, pooling, and the Linear wrapper that scales a module's output."""
+adapter for the ops, pooling and normalisation of the prompt, and the Linear wrapper that scales
+a module's output with its slice of the current call's vectors."""
 import contextlib
 import math
-from typing import Dict, List, Optional, Sequence
+from typing import List, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -11,18 +12,67 @@ from torch import nn
 from .activations import rational_init
 from . import ops, reference
 from .config import PedroConfig
+from .routing import PedroCall, RowPlan, StaticRouting, current_call
 
 BANK_KEYS = ("w_down", "b_down", "rat_num", "rat_den", "w_up", "b_up")
+NORM_EPS = 1e-6
+
+
+# ---------------------------------------------------------------------------------------------
+# TO BE REPLACED AT MERGE (coordinator): the kernels branch adds pedro_ext.modulate_,
+# pedro_ext.act_mul_modulate and the `check_ids` keyword of pedro_ext.generate / modulate. After
+# the merge this block is only
+#     _KERNEL_OPS = dict(generate=ops.generate, modulate=ops.modulate, modulate_=ops.modulate_,
+#                        act_mul_modulate=ops.act_mul_modulate)
+# (and _REFERENCE_OPS may take modulate_ / act_mul_modulate from pedro_ext.reference).
+def _modulate_inplace(x, vectors, seq_ids=None, *, check_ids=True):
+    """Stand-in for pedro_ext.modulate_: x *= vectors[row] in place (padded [B, T, D] rows b,
+    packed [S, D] rows seq_ids[s]); returns x; no autograd."""
+    if check_ids and seq_ids is not None and seq_ids.numel() and (
+            int(seq_ids.min()) < 0 or int(seq_ids.max()) >= vectors.shape[0]):
+        raise ValueError(f"modulate_: seq_ids must be in [0, {vectors.shape[0]})")
+    per_row = vectors.unsqueeze(1) if seq_ids is None else vectors[seq_ids.long()]
+    return x.mul_(per_row)
+
+
+_ACTIVATIONS = {"silu": F.silu, "gelu_tanh": lambda t: F.gelu(t, approximate="tanh")}
+
+
+def _act_mul_modulate(gate, up, vectors, seq_ids=None, activation="silu", *, check_ids=True):
+    """Stand-in for pedro_ext.act_mul_modulate: act(gate) * up * vectors[row], differentiable."""
+    if activation not in _ACTIVATIONS:
+        raise ValueError(f"act_mul_modulate: activation must be one of {sorted(_ACTIVATIONS)}, "
+                         f"got {activation!r}")
+    if check_ids and seq_ids is not None and seq_ids.numel() and (
+            int(seq_ids.min()) < 0 or int(seq_ids.max()) >= vectors.shape[0]):
+        raise ValueError(f"act_mul_modulate: seq_ids must be in [0, {vectors.shape[0]})")
+    per_row = vectors.unsqueeze(1) if seq_ids is None else vectors[seq_ids.long()]
+    return _ACTIVATIONS[activation](gate) * up * per_row
+
+
+def _without_check_ids(op):
+    def call(*args, check_ids=True, **kwargs):
+        return op(*args, **kwargs)
+    return call
+
+
+_KERNEL_OPS = dict(generate=_without_check_ids(ops.generate),
+                   modulate=_without_check_ids(ops.modulate),
+                   modulate_=_modulate_inplace, act_mul_modulate=_act_mul_modulate)
+_REFERENCE_OPS = dict(generate=_without_check_ids(reference.generate),
+                      modulate=_without_check_ids(reference.modulate),
+                      modulate_=_modulate_inplace, act_mul_modulate=_act_mul_modulate)
+# ---------------------------------------------------------------------------------------------
 
 # The op implementations the layers call; the benchmark swaps in the pure-PyTorch reference.
-_OPS = {"generate": ops.generate, "modulate": ops.modulate}
+_OPS = dict(_KERNEL_OPS)
 
 
 @contextlib.contextmanager
 def reference_ops():
     """Within this block PEDRO layers run pedro_ext.reference instead of the kernels."""
     saved = dict(_OPS)
-    _OPS.update(generate=reference.generate, modulate=reference.modulate)
+    _OPS.update(_REFERENCE_OPS)
     try:
         yield
     finally:
@@ -43,64 +93,20 @@ class PedroAdapterWeights(nn.Module):
         self.w_up = nn.Parameter(torch.zeros(config.r, big_d))
         self.b_up = nn.Parameter(torch.zeros(big_d))
         self.att_query = nn.Parameter(torch.zeros(d)) if config.pooling == "attention" else None
-        self.pooling = config.pooling
-        self.dropout = config.dropout
+        affine = config.pool_norm_affine and config.pool_norm != "none"
+        self.norm_weight = nn.Parameter(torch.ones(d)) if affine else None
+        self.norm_bias = nn.Parameter(torch.zeros(d)) if affine and config.pool_norm == "layer" \
+            else None
         self.rational_trainable = config.rational_trainable
 
     def rational_parameters(self) -> List[nn.Parameter]:
         return [self.rat_num, self.rat_den]
 
 
-class ServeContext:
-    """What one forward / generate call needs to know in every layer: which adapter each row
-    uses, which positions form the prompt, and whether vectors are computed once and reused
-    (generate) or at every call (forward, including gradient-checkpointing recomputation)."""
-
-    def __init__(self):
-        self.ids_cpu: Optional[torch.Tensor] = None  # [B] int64, -1 = base
-        self.pool_mask: Optional[torch.Tensor] = None  # [B, T] bool, or None = all positions
-        self.row_pooling: List[Optional[str]] = []  # per row, None for base rows
-        self.reuse = False
-        self.tag = 0
-        self.vector_computations = 0
-        self._ids_cache: Dict[torch.device, torch.Tensor] = {}
-
-    def begin(self, ids: List[int], poolings: List[Optional[str]], pool_mask, reuse: bool):
-        self.ids_cpu = torch.tensor(ids, dtype=torch.int64)
-        self.row_pooling = poolings
-        self.pool_mask = pool_mask
-        self.reuse = reuse
-        self.tag += 1
-        self._ids_cache = {}
-
-    @property
-    def any_adapter(self) -> bool:
-        return any(p is not None for p in self.row_pooling)
-
-    def rows_for(self, x: torch.Tensor):
-        """Adapter ids and pool mask for the rows of x, repeated when generate expanded the
-        batch (beam search / num_return_sequences repeat each request's row)."""
-        b = self.ids_cpu.shape[0]
-        rows = x.shape[0]
-        if rows % b != 0:
-            raise RuntimeError(
-                f"PEDRO: the model saw {rows} rows but the call was set up for {b} requests; call "
-                "the PedroModel (not its base model) for every forward / generate")
-        k = rows // b
-        key = (x.device, k)
-        if key not in self._ids_cache:
-            ids = self.ids_cpu.repeat_interleave(k).to(x.device, non_blocking=True)
-            mask = None
-            if self.pool_mask is not None:
-                mask = self.pool_mask.to(x.device).repeat_interleave(k, dim=0)
-            poolings = [p for p in self.row_pooling for _ in range(k)]
-            self._ids_cache[key] = (ids, mask, poolings)
-        return self._ids_cache[key]
-
-
 def pool(x: torch.Tensor, mask: Optional[torch.Tensor], mode: str,
          query: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """[B, T, d] -> [B, d] over the positions where mask [B, T] is True (all if None); fp32."""
+    """[B, T, d] -> [B, d] over the positions where mask [B, T] is True (all if None); fp32.
+    A row without any such position pools to zeros."""
     xf = x.float()
     if mask is None:
         mask = torch.ones(x.shape[:2], dtype=torch.bool, device=x.device)
@@ -126,26 +132,32 @@ def pool(x: torch.Tensor, mask: Optional[torch.Tensor], mode: str,
     return torch.where(has_tokens, out, torch.zeros_like(out))
 
 
+def normalise(pooled: torch.Tensor, mode: str) -> torch.Tensor:
+    """[B, d] fp32: "none", "rms" (x / rms(x)) or "layer" ((x - mean) / std), per row."""
+    if mode == "none":
+        return pooled
+    if mode == "layer":
+        pooled = pooled - pooled.mean(-1, keepdim=True)
+    return pooled * torch.rsqrt(pooled.pow(2).mean(-1, keepdim=True) + NORM_EPS)
+
+
 class PedroLayerBank(nn.Module):
     """All adapters of one decoder layer, stacked into the ops' [N, ...] tensors on demand
     (padded to the largest r and rational degrees, which leaves each adapter's function
     unchanged: padded w_up rows and coefficients are zero)."""
 
-    def __init__(self, d: int, big_d: int, slots: Sequence[tuple], ctx: ServeContext):
+    def __init__(self, layer: int, d: int, big_d: int, slots: Sequence[tuple]):
         super().__init__()
+        self.layer = layer
         self.d, self.big_d = d, big_d
         self.slots = list(slots)  # (start, end) of each target module's slice
         self.adapters = nn.ModuleDict()
-        self.ctx = ctx
         self.order: List[str] = []  # bank index -> adapter name (set by PedroModel)
-        self.vectors: Optional[torch.Tensor] = None
-        self._vectors_tag = -1
+        self.computations = 0  # statistics for tests and profiling; no routing state
         self._cache = None  # (key, stacked dict) for inference
 
     def invalidate(self):
         self._cache = None
-        self.vectors = None
-        self._vectors_tag = -1
 
     def _stack(self, dtype, device):
         ws = [self.adapters[n] for n in self.order]
@@ -164,10 +176,12 @@ class PedroLayerBank(nn.Module):
             "w_up": stacked(lambda w: w.w_up, lambda w, t: F.pad(t, (0, 0, 0, r - t.shape[0]))),
             "b_up": stacked(lambda w: w.b_up, lambda w, t: t),
         }
-        if any(w.att_query is not None for w in ws):
-            zero = torch.zeros(self.d, device=ws[0].w_down.device)
-            bank["att_query"] = torch.stack(
-                [w.att_query if w.att_query is not None else zero for w in ws]).to(device, dtype)
+        # Optional per-adapter vectors, with the neutral value for adapters that lack them.
+        for key, neutral in (("att_query", 0.0), ("norm_weight", 1.0), ("norm_bias", 0.0)):
+            if any(getattr(w, key) is not None for w in ws):
+                fill = torch.full((self.d,), neutral, device=ws[0].w_down.device)
+                bank[key] = torch.stack([getattr(w, key) if getattr(w, key) is not None else fill
+                                         for w in ws]).to(device=device, dtype=torch.float32)
         return bank
 
     def stacked(self, dtype, device):
@@ -176,73 +190,128 @@ class PedroLayerBank(nn.Module):
                                            for p in w.parameters()):
             return self._stack(dtype, device)  # differentiable, rebuilt every call
         key = (dtype, device)
-        if self._cache is None or self._cache[0] != key:
+        cache = self._cache  # one read: another thread may invalidate meanwhile
+        if cache is None or cache[0] != key:
             with torch.no_grad():
-                self._cache = (key, self._stack(dtype, device))
-        return self._cache[1]
+                cache = (key, self._stack(dtype, device))
+            self._cache = cache
+        return cache[1]
 
-    def prepare(self, x: torch.Tensor) -> None:
-        """Compute this layer's vectors from the generator input x [B, T, d], unless this
-        generate call already did (decode steps reuse the prompt's vectors)."""
-        ctx = self.ctx
-        if ctx.ids_cpu is None or not ctx.any_adapter or not self.order:
-            self.vectors = None
-            return
-        if ctx.reuse and self._vectors_tag == ctx.tag and self.vectors is not None:
-            return
-        ids, mask, poolings = ctx.rows_for(x)
+    def compute(self, call: PedroCall, x: torch.Tensor) -> None:
+        """This layer's vectors for the call's rows, from the generator input x [rows, T, d]."""
+        plan = call.plan(x)
         bank = self.stacked(x.dtype, x.device)
-        pooled = self._pool(x, mask, ids, poolings, bank)
-        if self.training:
-            dropout = max(self.adapters[n].dropout for n in self.order)
-            pooled = F.dropout(pooled, dropout, training=True) if dropout > 0 else pooled
-        self.vectors = _OPS["generate"](pooled.to(x.dtype), ids, *(bank[k] for k in BANK_KEYS))
-        self._vectors_tag = ctx.tag
-        ctx.vector_computations += 1
+        pooled = self._pooled(x, plan, bank)
+        if self.training and plan.dropout is not None:
+            p = plan.dropout.unsqueeze(1)
+            keep = torch.rand_like(pooled) >= p
+            pooled = pooled * keep / (1 - p)
+        vectors = _OPS["generate"](pooled.to(x.dtype), plan.ids, *(bank[k] for k in BANK_KEYS),
+                                   check_ids=False)
+        call.store(self.layer, vectors, self.slots)
+        self.computations += 1
 
-    def _pool(self, x, mask, ids, poolings, bank):
-        modes = sorted({p for p in poolings if p is not None})
-        query = None
-        if "attention" in modes:
-            query = bank["att_query"][ids.clamp(min=0)]
-        if len(modes) == 1:
-            return pool(x, mask, modes[0], query)
-        out = torch.zeros(x.shape[0], x.shape[2], device=x.device)
-        for mode in modes:
-            rows = torch.tensor([p == mode for p in poolings], device=x.device)
-            out = torch.where(rows.unsqueeze(1), pool(x, mask, mode, query), out)
+    @staticmethod
+    def _per_group(groups, fn, rows, width, device):
+        if len(groups) == 1 and groups[0][1] is None:
+            return fn(groups[0][0])
+        out = torch.zeros(rows, width, device=device)
+        for mode, selected in groups:
+            out = torch.where(selected.unsqueeze(1), fn(mode), out)
         return out
+
+    def _pooled(self, x, plan: RowPlan, bank):
+        query = bank["att_query"][plan.gather] if "att_query" in bank else None
+        pooled = self._per_group(plan.poolings, lambda mode: pool(x, plan.mask, mode, query),
+                                 x.shape[0], x.shape[2], x.device)
+        pooled = self._per_group(plan.norms, lambda mode: normalise(pooled, mode),
+                                 x.shape[0], x.shape[2], x.device)
+        if "norm_weight" in bank:
+            pooled = pooled * bank["norm_weight"][plan.gather]
+        if "norm_bias" in bank:
+            pooled = pooled + bank["norm_bias"][plan.gather]
+        return pooled
+
+
+_OUTSIDE_CALL = (
+    "PEDRO: a PEDRO layer ran outside any PedroModel call. Call the PedroModel or its base model "
+    "(not a decoder layer on its own); with gradient checkpointing, enable it through "
+    "PedroModel.gradient_checkpointing_enable, which makes the recomputation re-enter its call.")
+
+
+def _call_vectors(linear: "PedroLinear", x: torch.Tensor) -> Optional[torch.Tensor]:
+    """The module's slice of the current call's vectors (None: every row is the base model),
+    computed by the layer's source module when this call has none for the layer yet."""
+    call = current_call()
+    if call is None:
+        raise RuntimeError(_OUTSIDE_CALL)
+    if linear.is_source and call.any_adapter and (not call.reuse
+                                                  or linear.layer not in call.vectors):
+        linear.pedro_bank.compute(call, x)
+    return call.slices.get(linear.key)
+
+
+# Compiled code outside static routing: run the lookup eagerly (a graph break, but never a
+# context-variable value frozen into a graph).
+_call_vectors_eager = torch.compiler.disable(_call_vectors)
+
+
+def scale(y: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """y * v per row; in place when nothing needs a gradient (inference)."""
+    if y.requires_grad or v.requires_grad:
+        return _OPS["modulate"](y, v, check_ids=False)
+    return _OPS["modulate_"](y, v, check_ids=False)
 
 
 class PedroLinear(nn.Module):
     """A target Linear whose output is scaled by its slice of the layer's PEDRO vectors. The
     first target of a layer (q_proj) is the generator's source: its input is what gets pooled."""
 
-    def __init__(self, base_layer: nn.Linear, bank: PedroLayerBank, slot: int, is_source: bool):
+    def __init__(self, base_layer: nn.Linear, bank: PedroLayerBank, slot: int, is_source: bool,
+                 static: StaticRouting):
         super().__init__()
         self.base_layer = base_layer
-        self.slot = slot
+        self.layer, self.slot, self.key = bank.layer, slot, (bank.layer, slot)
+        self.start, self.end = bank.slots[slot]
         self.is_source = is_source
         # The bank is registered on the source module only, so its parameters appear once.
         if is_source:
             self.pedro_bank = bank
         else:
             object.__setattr__(self, "_bank_ref", bank)
+        object.__setattr__(self, "_static", static)
 
     @property
     def bank(self) -> PedroLayerBank:
         return self.pedro_bank if self.is_source else self._bank_ref
 
+    # peft's tuner layers expose the wrapped Linear's attributes; some model code reads them.
+    @property
+    def weight(self):
+        return self.base_layer.weight
+
+    @property
+    def bias(self):
+        return self.base_layer.bias
+
+    @property
+    def in_features(self):
+        return self.base_layer.in_features
+
+    @property
+    def out_features(self):
+        return self.base_layer.out_features
+
+    def vectors(self, x: torch.Tensor) -> Optional[torch.Tensor]:
+        if torch.compiler.is_compiling():
+            static = self._static
+            if static.active and static.prefilled:
+                v = static.vectors.get(self.layer)
+                return None if v is None else v[:, self.start:self.end]
+            return _call_vectors_eager(self, x)
+        return _call_vectors(self, x)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        bank = self.bank
-        if self.is_source:
-            bank.prepare(x)
+        v = self.vectors(x)
         y = self.base_layer(x)
-        if bank.vectors is None:
-            return y
-        start, end = bank.slots[self.slot]
-        v = bank.vectors[:, start:end]
-        if y.dim() != 3 or y.shape[0] != v.shape[0]:
-            raise RuntimeError(f"PEDRO: expected a [B, T, {end - start}] output with B = "
-                               f"{v.shape[0]}, got {tuple(y.shape)}")
-        return _OPS["modulate"](y, v)
+        return y if v is None else scale(y, v)

@@ -1,18 +1,48 @@
-"""PedroModel: PEDRO adapters on a Hugging Face causal LM, with peft's API shape."""
+"""PedroModel: PEDRO adapters on a Hugging Face causal LM, with peft's API shape.
+
+Routing (which adapter each row uses, which positions form each prompt, the prompt's vectors)
+belongs to one call: `forward`, `generate` and `prompt_vectors` build a `PedroCall` and make it
+current for their duration (pedro_ext.routing). A direct call of the base model gets its own call
+from a hook on the decoder stack: the active adapter for every row, as in peft.
+"""
 import contextlib
+import contextvars
 import os
 import re
+from dataclasses import dataclass
 from typing import Dict, Iterable, List, Optional, Sequence, Union
 
 import torch
 from torch import nn
+from transformers import PreTrainedModel
 
-from .config import DEFAULT_TARGET_MODULES, WEIGHTS_NAME, PedroConfig
-from .layer import PedroAdapterWeights, PedroLayerBank, PedroLinear, ServeContext
+from .config import CONFIG_NAME, DEFAULT_TARGET_MODULES, WEIGHTS_NAME, PedroConfig
+from .layer import PedroAdapterWeights, PedroLayerBank, PedroLinear
+from .mlp import fuse, fused_activation, unfuse
+from .routing import (_CURRENT, PedroCall, RowSetting, StaticRouting, checkpoint_context_fn,
+                      current_call, entered)
 
 BASE_NAMES = (None, "__base__")
-_LAYER_RE = re.compile(r"^(?P<layer>.*\.layers\.(?P<idx>\d+))\.(?P<rest>.+)$")
+BIN_WEIGHTS_NAME = "adapter_model.bin"
+_LAYER_RE = re.compile(r"^(?:(?P<stack>.*)\.)?layers\.(?P<idx>\d+)\.(?P<rest>.+)$")
 _NAME_RE = re.compile(r"^[A-Za-z0-9_\-]+$")
+# PedroModels whose adapters `disable_adapter()` switched off, in this thread / task only.
+_DISABLED: contextvars.ContextVar = contextvars.ContextVar("pedro_disabled", default=frozenset())
+# peft keyword arguments that PEDRO accepts with these values only (PEDRO adapters are small
+# fp32 vector generators and touch no embedding).
+_PEFT_OPTIONS = {"autocast_adapter_dtype": (True,), "low_cpu_mem_usage": (False,),
+                 "ephemeral_gpu_offload": (False,), "key_mapping": (None,),
+                 "save_embedding_layers": ("auto", False),
+                 "path_initial_model_for_weight_conversion": (None,)}
+
+
+def _check_peft_kwargs(method: str, kwargs: dict) -> None:
+    for key, value in kwargs.items():
+        if key not in _PEFT_OPTIONS:
+            raise TypeError(f"PedroModel.{method}() got an unexpected keyword argument {key!r}")
+        if value not in _PEFT_OPTIONS[key]:
+            raise ValueError(f"PedroModel.{method}: {key}={value!r} is not supported by PEDRO "
+                             f"(only {' or '.join(map(repr, _PEFT_OPTIONS[key]))})")
 
 
 def _resolve_targets(model: nn.Module, config: PedroConfig) -> List[str]:
@@ -27,19 +57,30 @@ def _resolve_targets(model: nn.Module, config: PedroConfig) -> List[str]:
     return list(DEFAULT_TARGET_MODULES[model_type])
 
 
-def _find_layers(model: nn.Module, targets: Sequence[str], layers: Optional[Sequence[int]]):
-    """{layer index: {target: (parent module, attribute, Linear)}} for every decoder layer."""
+@dataclass
+class _Layout:
+    """Where PEDRO goes in a model: per decoder layer its target Linears, the layer module, and
+    the decoder stack (the module holding `layers`) that every call passes through."""
+    targets: Dict[int, Dict[str, tuple]]  # idx -> {target: (parent, attribute, Linear)}
+    layers: Dict[int, nn.Module]
+    stacks: List[nn.Module]
+
+
+def _find_layout(model: nn.Module, targets: Sequence[str], layers: Optional[Sequence[int]]):
     found: Dict[int, Dict[str, tuple]] = {}
+    stack_of: Dict[int, str] = {}
     for name, module in model.named_modules():
         mt = _LAYER_RE.match(name)
         if mt is None or not isinstance(module, nn.Linear):
             continue
         leaf = mt.group("rest").split(".")[-1]
-        if leaf not in targets:
-            continue
         idx = int(mt.group("idx"))
-        if layers is not None and idx not in layers:
+        if leaf not in targets or (layers is not None and idx not in layers):
             continue
+        stack = mt.group("stack") or ""
+        if stack_of.setdefault(idx, stack) != stack:
+            raise ValueError(f"decoder layer {idx} appears in two stacks ({stack_of[idx]!r} and "
+                             f"{stack!r}); set PedroConfig.layers_to_transform")
         parent = model.get_submodule(name.rsplit(".", 1)[0])
         found.setdefault(idx, {})[leaf] = (parent, name.rsplit(".", 1)[1], module)
     if not found:
@@ -49,42 +90,194 @@ def _find_layers(model: nn.Module, targets: Sequence[str], layers: Optional[Sequ
         missing = [t for t in targets if t not in mods]
         if missing:
             raise ValueError(f"decoder layer {idx} has no module(s) {missing} among its Linears")
-    return dict(sorted(found.items()))
+    prefix = {idx: (s + "." if s else "") for idx, s in stack_of.items()}
+    stacks = {s: model.get_submodule(s) for s in sorted(set(stack_of.values()))}
+    return _Layout(targets=dict(sorted(found.items())),
+                   layers={i: model.get_submodule(f"{prefix[i]}layers.{i}") for i in found},
+                   stacks=list(stacks.values()))
 
 
-class PedroModel(nn.Module):
+def _cached_tokens(cache) -> int:
+    if cache is None:
+        return 0
+    if hasattr(cache, "get_seq_length"):
+        return int(cache.get_seq_length())
+    return int(cache[0][0].shape[-2]) if len(cache) else 0  # legacy tuple cache
+
+
+def _read_weights(path: str):
+    """(state dict, file) of an adapter folder: safetensors, else peft's .bin."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    file = os.path.join(path, WEIGHTS_NAME)
+    if os.path.isfile(file):
+        try:
+            return load_file(file), file
+        except (SafetensorError, OSError, ValueError) as exc:
+            raise ValueError(f"{file} is not a readable safetensors file: {exc}") from exc
+    file = os.path.join(path, BIN_WEIGHTS_NAME)
+    if os.path.isfile(file):
+        try:
+            return torch.load(file, map_location="cpu", weights_only=True), file
+        except Exception as exc:  # torch.load raises several unrelated types for bad files
+            raise ValueError(f"{file} is not a readable torch file: {exc}") from exc
+    raise FileNotFoundError(f"no {WEIGHTS_NAME} (or {BIN_WEIGHTS_NAME}) in {path!r}")
+
+
+def _atomic_write(file: str, write) -> None:
+    tmp = f"{file}.tmp{os.getpid()}"
+    try:
+        write(tmp)
+        os.replace(tmp, file)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+@dataclass
+class PedroModelStatus:
+    """peft's TunerModelStatus, for a PedroModel."""
+    base_model_type: str
+    adapter_model_type: str
+    peft_types: Dict[str, str]
+    trainable_params: int
+    total_params: int
+    num_adapter_layers: int
+    enabled: bool
+    active_adapters: List[str]
+    merged_adapters: List[str]
+    requires_grad: Dict[str, Union[bool, str]]
+    available_adapters: List[str]
+    devices: Dict[str, List[str]]
+
+
+class PedroTunerModel(nn.Module):
+    """`pedro.base_model`, in peft's place of LoraModel: `pedro.base_model.model` is the causal
+    LM being adapted. Attributes it lacks are looked up on that model."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, *args, **kwargs):
+        return self.model(*args, **kwargs)
+
+    def __getattr__(self, name):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "model":  # not set yet (copy / unpickling): no recursion
+                raise
+            return getattr(self.model, name)
+
+
+class PedroModel(PreTrainedModel):
     """A causal LM with PEDRO adapters: one stacked bank per decoder layer, every request of a
-    batch with its own adapter (or none), one op call per layer for the whole batch."""
+    batch with its own adapter (or none), one op call per layer for the whole batch.
+
+    A PreTrainedModel subclass only so that transformers.Trainer saves it through
+    save_pretrained (writing the adapter files, as it does for peft models); Trainer writes the
+    full state dict of any other module, which fails on tied embeddings. It wraps an existing
+    model and shares its config, so PreTrainedModel.__init__ (which builds a model from a config
+    and adjusts that config) is not run; attributes the class does not define are read from the
+    wrapped model."""
+
+    # PreTrainedModel's own value would hide the wrapped model's.
+    base_model = property(lambda self: self._modules["base_model"])
+    main_input_name = property(lambda self: self.get_base_model().main_input_name)
+    supports_gradient_checkpointing = property(
+        lambda self: getattr(self.get_base_model(), "supports_gradient_checkpointing", False))
+    _no_split_modules = property(lambda self: getattr(self.get_base_model(), "_no_split_modules", None))
+    _keep_in_fp32_modules = property(
+        lambda self: getattr(self.get_base_model(), "_keep_in_fp32_modules", None))
+
+    @classmethod
+    def can_generate(cls) -> bool:
+        return True
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.get_base_model().get_input_embeddings()
+
+    def get_output_embeddings(self) -> Optional[nn.Module]:
+        return self.get_base_model().get_output_embeddings()
 
     def __init__(self, model: nn.Module, config: PedroConfig, adapter_name: str = "default"):
-        super().__init__()
-        self.base_model = model
+        nn.Module.__init__(self)
+        if isinstance(model, PedroModel):
+            raise ValueError("this model is already a PedroModel; add adapters with "
+                             "pedro.add_adapter(name, config)")
+        if any(isinstance(m, PedroLinear) for m in model.modules()):
+            raise ValueError(
+                "this model is already wrapped by PEDRO (its Linears are PedroLinear modules of "
+                "another PedroModel); add adapters to that PedroModel with add_adapter, or call "
+                "its unload() first")
+        self.base_model = PedroTunerModel(model)
         self.peft_config: Dict[str, PedroConfig] = {}
         self.active_adapters: List[str] = []
-        self._ctx = ServeContext()
-        self._disabled = False
-        for p in model.parameters():
-            p.requires_grad_(False)
-        self._targets = _resolve_targets(model, config)
-        self._layers_to_transform = config.layers_to_transform
         self.banks: Dict[int, PedroLayerBank] = {}
-        self._wrapped: List[tuple] = []  # (parent, attribute, original Linear)
-        for idx, mods in _find_layers(model, self._targets, config.layers_to_transform).items():
+        self._index: Dict[str, int] = {}
+        self._layers_enabled = True
+        self._static = StaticRouting()
+        self._undo: List[tuple] = []  # how to restore the base model, applied newest first
+        self._unloaded = False
+        try:
+            self._targets = _resolve_targets(model, config)
+            self._layers_to_transform = config.layers_to_transform
+            self._check_compatible(adapter_name, config)
+            self._wrap(model, _find_layout(model, self._targets, config.layers_to_transform))
+            self.add_adapter(adapter_name, config)
+        except BaseException:
+            self._restore()
+            raise
+
+    # ------------------------------------------------------------------ wrapping
+    def _wrap(self, model: nn.Module, layout: _Layout) -> None:
+        flags = [(p, p.requires_grad) for p in model.parameters()]
+        self._undo.append(("requires_grad", flags))
+        for p, _ in flags:
+            p.requires_grad_(False)
+        self._decoder_layers = list(layout.layers.values()) + list(layout.stacks)
+        self._stacks = layout.stacks
+        self._sources: Dict[int, nn.Linear] = {}  # each bank's source Linear (its device)
+        for idx, mods in layout.targets.items():
             source = mods[self._targets[0]][2]
             slots, start = [], 0
             for t in self._targets:
                 out = mods[t][2].out_features
                 slots.append((start, start + out))
                 start += out
-            bank = PedroLayerBank(source.in_features, start, slots, self._ctx)
-            bank.to(source.weight.device)
+            bank = PedroLayerBank(idx, source.in_features, start, slots)
+            self._sources[idx] = source
             for slot, t in enumerate(self._targets):
                 parent, attr, linear = mods[t]
-                setattr(parent, attr, PedroLinear(linear, bank, slot, is_source=(slot == 0)))
-                self._wrapped.append((parent, attr, linear))
+                setattr(parent, attr, PedroLinear(linear, bank, slot, slot == 0, self._static))
+                self._undo.append(("module", parent, attr, linear))
             self.banks[idx] = bank
-        self.add_adapter(adapter_name, config)
-        self.set_adapter(adapter_name)
+            mlp = mods[self._targets[-1]][0]
+            activation = fused_activation(mlp)
+            if activation is not None:
+                fuse(mlp, activation)
+                self._undo.append(("fused", mlp))
+        for stack in layout.stacks:
+            pre = stack.register_forward_pre_hook(self._stack_pre_hook, with_kwargs=True)
+            post = stack.register_forward_hook(self._stack_post_hook, with_kwargs=True,
+                                               always_call=True)
+            self._undo.extend([("hook", pre), ("hook", post)])
+
+    def _restore(self) -> None:
+        while self._undo:
+            kind, *what = self._undo.pop()
+            if kind == "requires_grad":
+                for p, flag in what[0]:
+                    p.requires_grad_(flag)
+            elif kind == "module":
+                setattr(*what)
+            elif kind == "fused":
+                unfuse(what[0])
+            else:
+                what[0].remove()
+        self.banks = {}
 
     # ------------------------------------------------------------------ attribute forwarding
     def __getattr__(self, name):
@@ -96,10 +289,11 @@ class PedroModel(nn.Module):
             return getattr(self.base_model, name)
 
     def get_base_model(self) -> nn.Module:
-        return self.base_model
+        """The causal LM being adapted (peft's `pedro.base_model.model`)."""
+        return self.base_model.model
 
     # ------------------------------------------------------------------ adapters
-    def _check_compatible(self, name: str, config: PedroConfig):
+    def _check_compatible(self, name: str, config: PedroConfig) -> None:
         targets = config.target_modules or self._targets
         if list(targets) != self._targets:
             raise ValueError(f"adapter {name!r} targets {list(targets)} but this model's PEDRO "
@@ -108,7 +302,7 @@ class PedroModel(nn.Module):
             raise ValueError(f"adapter {name!r} has layers_to_transform="
                              f"{config.layers_to_transform}, the model uses "
                              f"{self._layers_to_transform}")
-        mc = getattr(self.base_model, "config", None)
+        mc = getattr(self.get_base_model(), "config", None)
         for key, have in (("hidden_size", getattr(mc, "hidden_size", None)),
                           ("num_layers", getattr(mc, "num_hidden_layers", None))):
             want = getattr(config, key)
@@ -117,76 +311,107 @@ class PedroModel(nn.Module):
                                  f"model has {key}={have}")
 
     def add_adapter(self, adapter_name: str, config: PedroConfig) -> None:
+        """Add a fresh adapter (the identity until trained). The first adapter of a model that
+        has none active becomes the active one; otherwise, as in peft, call set_adapter."""
+        if self._unloaded:
+            raise ValueError("this PedroModel was unloaded; wrap the model again with "
+                             "get_pedro_model to add adapters")
         if not isinstance(adapter_name, str) or not _NAME_RE.match(adapter_name) \
                 or adapter_name == "__base__":
             raise ValueError(f"adapter name must be letters, digits, '_' or '-' (and not "
                              f"'__base__'), got {adapter_name!r}")
         if adapter_name in self.peft_config:
             raise ValueError(f"adapter {adapter_name!r} already exists")
+        if not isinstance(config, PedroConfig):
+            raise TypeError(f"add_adapter needs a PedroConfig, got {type(config).__name__}")
         self._check_compatible(adapter_name, config)
-        mc = getattr(self.base_model, "config", None)
+        mc = getattr(self.get_base_model(), "config", None)
         config.model_type = getattr(mc, "model_type", config.model_type)
         config.hidden_size = getattr(mc, "hidden_size", config.hidden_size)
         config.num_layers = getattr(mc, "num_hidden_layers", config.num_layers)
         if config.base_model_name_or_path is None:
             config.base_model_name_or_path = getattr(mc, "_name_or_path", None) or None
         config.target_modules = list(self._targets)
-        for bank in self.banks.values():
-            device = next(bank.parameters(), torch.empty(0)).device if bank.adapters else \
-                self._bank_device(bank)
-            weights = PedroAdapterWeights(config, bank.d, bank.big_d).to(device)
-            for p in weights.parameters():
-                p.requires_grad_(False)
-            bank.adapters[adapter_name] = weights
+        created = []
+        try:
+            for idx, bank in self.banks.items():
+                weights = PedroAdapterWeights(config, bank.d, bank.big_d).to(
+                    self._sources[idx].weight.device)
+                for p in weights.parameters():
+                    p.requires_grad_(False)
+                bank.adapters[adapter_name] = weights
+                created.append(bank)
+        except BaseException:
+            for bank in created:
+                del bank.adapters[adapter_name]
+            raise
         self.peft_config[adapter_name] = config
         self._bank_changed()
-
-    def _bank_device(self, bank: PedroLayerBank) -> torch.device:
-        for parent, attr, linear in self._wrapped:
-            module = getattr(parent, attr)
-            if module.bank is bank:
-                return linear.weight.device
-        return torch.device("cpu")
+        if not self.active_adapters:
+            self.set_adapter(adapter_name)
 
     def delete_adapter(self, adapter_name: str) -> None:
+        """Remove an adapter. If it was the active one, the first remaining adapter becomes
+        active; after the last one, calls run the base model until an adapter is added."""
         self._require(adapter_name)
         for bank in self.banks.values():
             del bank.adapters[adapter_name]
         del self.peft_config[adapter_name]
-        self.active_adapters = [a for a in self.active_adapters if a != adapter_name]
-        if not self.active_adapters and self.peft_config:
-            self.active_adapters = [next(iter(self.peft_config))]
+        if adapter_name in self.active_adapters:
+            self.active_adapters = []
+            if self.peft_config:
+                self.set_adapter(next(iter(self.peft_config)))
         self._bank_changed()
 
-    def set_adapter(self, adapter_name: Union[str, List[str]]) -> None:
-        """Make adapter(s) active: the default for rows without adapter_names, and trainable
-        (unless loaded for inference). Other adapters are frozen."""
-        names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
+    def set_adapter(self, adapter_name: str, inference_mode: bool = False) -> None:
+        """Make one adapter active: the default for rows without adapter_names, and trainable
+        unless `inference_mode` (or the adapter was loaded for inference). Others are frozen."""
+        if not isinstance(adapter_name, str):
+            raise ValueError(
+                f"set_adapter takes one adapter name, got {adapter_name!r}: a PedroModel, like "
+                "peft's PeftModel, has one active adapter. To train several adapters in one "
+                "batch use set_requires_grad([...]) and pass adapter_names=[...] (one per row)")
+        self._require(adapter_name)
+        self.active_adapters = [adapter_name]
+        for name, config in self.peft_config.items():
+            self._set_grad(name, name == adapter_name and not inference_mode
+                           and not config.inference_mode)
+
+    def set_requires_grad(self, adapter_names: Union[str, Sequence[str]],
+                          requires_grad: bool = True) -> None:
+        """Enable or disable gradients of the given adapter(s) (peft's set_requires_grad)."""
+        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
         for n in names:
             self._require(n)
-        self.active_adapters = names
-        for name, config in self.peft_config.items():
-            trainable = name in names and not config.inference_mode
-            for bank in self.banks.values():
-                w = bank.adapters[name]
-                for p in w.parameters():
-                    is_rat = any(p is q for q in w.rational_parameters())
-                    p.requires_grad_(trainable and (w.rational_trainable or not is_rat))
-        self._bank_changed()
+        for n in names:
+            self._set_grad(n, requires_grad)
+
+    def _set_grad(self, name: str, flag: bool) -> None:
+        for bank in self.banks.values():
+            w = bank.adapters[name]
+            rational = {id(p) for p in w.rational_parameters()}
+            for p in w.parameters():
+                p.requires_grad_(flag and (w.rational_trainable or id(p) not in rational))
 
     @property
-    def active_adapter(self) -> str:
-        return self.active_adapters[0]
+    def active_adapter(self) -> Optional[str]:
+        return self.active_adapters[0] if self.active_adapters else None
 
     def _require(self, name: str) -> None:
-        if name not in self.peft_config:
+        if not isinstance(name, str) or name not in self.peft_config:
             raise ValueError(f"unknown adapter {name!r}; this model has {list(self.peft_config)}")
 
     def _bank_changed(self) -> None:
         order = list(self.peft_config)
+        self._index = {n: i for i, n in enumerate(order)}
         for bank in self.banks.values():
             bank.order = order
             bank.invalidate()
+
+    def _move_adapter(self, name: str, device) -> None:
+        for bank in self.banks.values():
+            bank.adapters[name].to(device)
+        self._bank_changed()
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -195,59 +420,119 @@ class PedroModel(nn.Module):
 
     @contextlib.contextmanager
     def disable_adapter(self):
-        """Within this block every row runs the base model."""
-        self._disabled = True
+        """Within this block every row runs the base model (in this thread / task only)."""
+        token = _DISABLED.set(_DISABLED.get() | {id(self)})
         try:
             yield
         finally:
-            self._disabled = False
+            _DISABLED.reset(token)
+
+    def enable_adapter_layers(self) -> None:
+        """Turn PEDRO back on after disable_adapter_layers (peft's API)."""
+        self._layers_enabled = True
+
+    def disable_adapter_layers(self) -> None:
+        """Run the base model for every call until enable_adapter_layers (peft's API)."""
+        self._layers_enabled = False
 
     def adapter_parameters(self, adapter_name: Optional[str] = None) -> Iterable[nn.Parameter]:
-        name = adapter_name or self.active_adapter
+        name = adapter_name or self._active_or_raise()
         self._require(name)
         for bank in self.banks.values():
             yield from bank.adapters[name].parameters()
 
     def rational_parameters(self, adapter_name: Optional[str] = None) -> List[nn.Parameter]:
-        name = adapter_name or self.active_adapter
+        name = adapter_name or self._active_or_raise()
+        self._require(name)
         return [p for bank in self.banks.values() for p in bank.adapters[name].rational_parameters()]
 
-    # ------------------------------------------------------------------ calls
-    def _begin(self, batch: int, adapter_names, attention_mask, prompt_mask, prompt_lengths,
-               reuse: bool):
-        if self._disabled:
-            names = [None] * batch
-        elif adapter_names is None:
+    def _active_or_raise(self) -> str:
+        if not self.active_adapters:
+            raise ValueError("this PedroModel has no active adapter; name one")
+        return self.active_adapter
+
+    # ------------------------------------------------------------------ routing of calls
+    def _make_call(self, batch: int, adapter_names, attention_mask, prompt_mask, prompt_lengths,
+                   reuse: bool, direct: bool = False, dropout: bool = True) -> PedroCall:
+        if adapter_names is None:
             names = [self.active_adapter] * batch
+        elif isinstance(adapter_names, str):
+            raise ValueError(f"adapter_names must be a list with one name per row, got the string "
+                             f"{adapter_names!r}; e.g. adapter_names=[{adapter_names!r}] * batch")
         else:
             names = list(adapter_names)
             if len(names) != batch:
                 raise ValueError(f"adapter_names has {len(names)} entries but the batch has "
                                  f"{batch} rows; give one name (or None / '__base__') per row")
-        index = {n: i for i, n in enumerate(self.peft_config)}
-        ids, poolings = [], []
+        off = not self._layers_enabled or id(self) in _DISABLED.get() or not self.banks
+        ids, settings = [], []
         for n in names:
             if n in BASE_NAMES:
                 ids.append(-1)
-                poolings.append(None)
+                settings.append(None)
                 continue
-            if n not in index:
+            if n not in self._index:
                 raise ValueError(f"unknown adapter {n!r} in adapter_names; this model has "
                                  f"{list(self.peft_config)} (None or '__base__' for the base model)")
-            ids.append(index[n])
-            poolings.append(self.peft_config[n].pooling)
-        mask = None if attention_mask is None else attention_mask.bool()
+            cfg = self.peft_config[n]
+            ids.append(-1 if off else self._index[n])
+            settings.append(None if off else RowSetting(cfg.pooling, cfg.pool_norm, cfg.dropout))
+        return PedroCall(self, ids, settings, self._pool_mask(batch, attention_mask, prompt_mask,
+                                                              prompt_lengths),
+                         reuse=reuse, direct=direct, dropout=dropout)
+
+    @staticmethod
+    def _pool_mask(batch, attention_mask, prompt_mask, prompt_lengths) -> Optional[torch.Tensor]:
+        def check(name, t):
+            if not isinstance(t, torch.Tensor) or t.dim() != 2 or t.shape[0] != batch:
+                shape = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+                raise ValueError(f"{name} must be a [batch={batch}, positions] tensor, got {shape}")
+        mask = None
+        if attention_mask is not None:
+            check("attention_mask", attention_mask)
+            mask = attention_mask.bool()
         if prompt_lengths is not None:
             if prompt_mask is not None:
                 raise ValueError("give prompt_mask or prompt_lengths, not both")
-            if attention_mask is None:
+            if mask is None:
                 raise ValueError("prompt_lengths needs attention_mask (to find the real tokens)")
-            lengths = torch.as_tensor(prompt_lengths, device=mask.device).view(-1, 1)
-            prompt_mask = mask & (mask.long().cumsum(1) <= lengths)
+            lengths = torch.as_tensor(prompt_lengths, device=mask.device)
+            if lengths.shape != (batch,):
+                raise ValueError(f"prompt_lengths must have one entry per row ({batch}), got "
+                                 f"shape {tuple(lengths.shape)}")
+            prompt_mask = mask & (mask.long().cumsum(1) <= lengths.view(-1, 1))
         if prompt_mask is not None:
-            prompt_mask = prompt_mask.bool()
-            mask = prompt_mask if mask is None else mask & prompt_mask
-        self._ctx.begin(ids, poolings, mask, reuse)
+            check("prompt_mask", prompt_mask)
+            if mask is not None and prompt_mask.shape != mask.shape:
+                raise ValueError(f"prompt_mask has shape {tuple(prompt_mask.shape)} but "
+                                 f"attention_mask has {tuple(mask.shape)}")
+            mask = prompt_mask.bool() if mask is None else mask & prompt_mask.bool()
+        return mask
+
+    def _stack_pre_hook(self, module, args, kwargs):
+        if torch.compiler.is_compiling():
+            if self._static.active:
+                return None  # compiled decode steps read the static routing tensors
+            return _enter_direct_eagerly(self, args, kwargs)
+        return _enter_direct(self, args, kwargs)
+
+    def _stack_post_hook(self, module, args, kwargs, output):
+        if torch.compiler.is_compiling():
+            if self._static.active:
+                return None
+            return _leave_direct_eagerly(self)
+        return _leave_direct(self)
+
+    def _check_checkpointing(self) -> None:
+        for layer in self._decoder_layers:
+            if getattr(layer, "gradient_checkpointing", False):
+                keywords = getattr(getattr(layer, "_gradient_checkpointing_func", None),
+                                   "keywords", None) or {}
+                if not getattr(keywords.get("context_fn"), "pedro_reenters_call", False):
+                    raise ValueError(
+                        "gradient checkpointing was enabled on the base model directly, so its "
+                        "recomputation would not see this call's adapters; enable it with "
+                        "PedroModel.gradient_checkpointing_enable(...) instead")
 
     @staticmethod
     def _batch_size(input_ids, kwargs) -> int:
@@ -257,45 +542,103 @@ class PedroModel(nn.Module):
             return kwargs["inputs_embeds"].shape[0]
         raise ValueError("pass input_ids or inputs_embeds")
 
+    # ------------------------------------------------------------------ calls
     def forward(self, input_ids=None, attention_mask=None, labels=None, adapter_names=None,
                 prompt_mask=None, prompt_lengths=None, **kwargs):
         """The base model's forward; adapter_names gives each row's adapter (None or
         '__base__': base model), prompt_mask [B, T] / prompt_lengths [B] restrict pooling to
         the instruction part (the loss still covers the whole sequence)."""
-        self._begin(self._batch_size(input_ids, kwargs), adapter_names, attention_mask,
-                    prompt_mask, prompt_lengths, reuse=False)
-        return self.base_model(input_ids=input_ids, attention_mask=attention_mask, labels=labels,
-                               **kwargs)
+        batch = self._batch_size(input_ids, kwargs)
+        if self.training and torch.is_grad_enabled():
+            self._check_checkpointing()
+        call = self._make_call(batch, adapter_names, attention_mask, prompt_mask, prompt_lengths,
+                               reuse=False)
+        with entered(call):
+            return self.base_model(input_ids=input_ids, attention_mask=attention_mask,
+                                   labels=labels, **kwargs)
 
-    def generate(self, input_ids=None, attention_mask=None, adapter_names=None, **kwargs):
-        """HF generate; each row's vectors come from its prompt at prefill and are reused for
-        every generated token."""
-        self._begin(self._batch_size(input_ids, kwargs), adapter_names, attention_mask, None,
-                    None, reuse=True)
-        try:
-            return self.base_model.generate(input_ids=input_ids, attention_mask=attention_mask,
-                                            **kwargs)
-        finally:
-            self._ctx.reuse = False
+    def generate(self, *args, adapter_names=None, **kwargs):
+        """HF generate (same arguments: inputs / input_ids, attention_mask, ...); each row's
+        vectors come from its prompt at prefill and are reused for every generated token.
+        With a static cache (cache_implementation="static", e.g. for a compiled decode step)
+        the vectors sit in persistent tensors that graph-captured steps read."""
+        inputs = args[0] if args else kwargs.get("inputs", kwargs.get("input_ids"))
+        if inputs is None:
+            inputs = kwargs.get("inputs_embeds")
+        if not isinstance(inputs, torch.Tensor):
+            raise ValueError("PedroModel.generate needs the prompt as a tensor: inputs / input_ids "
+                             "[batch, positions] (or inputs_embeds)")
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        if _cached_tokens(cache) > 0:
+            raise ValueError(
+                "PedroModel.generate computes each prompt's vectors at prefill and cannot continue "
+                "from a cache that already holds tokens; pass the whole conversation as the prompt")
+        call = self._make_call(inputs.shape[0], adapter_names, kwargs.get("attention_mask"), None,
+                               None, reuse=True)
+        with contextlib.ExitStack() as stack:
+            if self._uses_static_cache(kwargs, cache):
+                stack.enter_context(self._static.borrowed(call))
+            stack.enter_context(entered(call))
+            return self.get_base_model().generate(*args, **kwargs)
+
+    def _uses_static_cache(self, kwargs, cache) -> bool:
+        from transformers.cache_utils import DynamicCache
+        from transformers.generation.configuration_utils import ALL_STATIC_CACHE_IMPLEMENTATIONS
+
+        if cache is not None:
+            return bool(getattr(cache, "is_compileable", False)) and type(cache) is not DynamicCache
+        configs = (kwargs, kwargs.get("generation_config"),
+                   getattr(self.get_base_model(), "generation_config", None))
+        for source in configs:
+            impl = source.get("cache_implementation") if isinstance(source, dict) else \
+                getattr(source, "cache_implementation", None)
+            if impl is not None:
+                return impl in ALL_STATIC_CACHE_IMPLEMENTATIONS
+        return False
+
+    @torch.no_grad()
+    def prompt_vectors(self, input_ids, attention_mask=None, adapter_names=None, prompt_mask=None,
+                       prompt_lengths=None) -> Dict[int, torch.Tensor]:
+        """Each layer's PEDRO vectors [B, D] (fp32, ones for base rows) for these prompts, as a
+        generate call would compute them at prefill (no dropout)."""
+        batch = input_ids.shape[0]
+        call = self._make_call(batch, adapter_names, attention_mask, prompt_mask, prompt_lengths,
+                               reuse=False, dropout=False)
+        if call.any_adapter:
+            if len(self._stacks) != 1:
+                raise ValueError("prompt_vectors needs a model with one decoder stack")
+            self._bank_changed()  # weights may have been trained since the bank was cached
+            with entered(call):
+                self._stacks[0](input_ids=input_ids, attention_mask=attention_mask,
+                                use_cache=False)
+        return {idx: call.vectors[idx].float() if idx in call.vectors else
+                torch.ones(batch, bank.big_d, device=input_ids.device)
+                for idx, bank in self.banks.items()}
 
     @property
     def vector_computations(self) -> int:
         """How many times a layer computed PEDRO vectors (a counter, for tests and profiling)."""
-        return self._ctx.vector_computations
+        return sum(bank.computations for bank in self.banks.values())
 
-    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs=None):
-        """Checkpoint the base model's decoder layers. Non-reentrant by default: the generator
-        parameters are the only ones that need gradients, and the layers recompute their
-        vectors from the same call's settings during backward."""
-        kwargs = {"use_reentrant": False, **(gradient_checkpointing_kwargs or {})}
-        if hasattr(self.base_model, "activation_checkpointing_enable"):  # transformers >= 5.x
-            self.base_model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs=None, **kwargs):
+        """Checkpoint the base model's decoder layers, non-reentrant; the recomputation
+        re-enters the call the layer ran in (a `context_fn`), so it sees that call's adapters,
+        prompt masks and dropout even when backward runs after the call or on another thread."""
+        ckpt = dict(gradient_checkpointing_kwargs or {})
+        if ckpt.get("use_reentrant", False):
+            raise ValueError("PEDRO needs non-reentrant checkpointing (use_reentrant=False): "
+                             "only that variant can re-enter the call's routing on recompute")
+        ckpt["use_reentrant"] = False
+        ckpt["context_fn"] = checkpoint_context_fn(ckpt.get("context_fn"))
+        base = self.get_base_model()
+        if hasattr(base, "activation_checkpointing_enable"):  # transformers >= 5.x
+            base.activation_checkpointing_enable(activation_checkpointing_kwargs=ckpt, **kwargs)
         else:
-            self.base_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+            base.gradient_checkpointing_enable(gradient_checkpointing_kwargs=ckpt, **kwargs)
 
     activation_checkpointing_enable = gradient_checkpointing_enable
 
-    # ------------------------------------------------------------------ parameters
+    # ------------------------------------------------------------------ parameters / status
     def get_nb_trainable_parameters(self):
         trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
         total = sum(p.numel() for p in self.parameters())
@@ -309,89 +652,150 @@ class PedroModel(nn.Module):
     def adapter_num_parameters(self, adapter_name: Optional[str] = None) -> int:
         return sum(p.numel() for p in self.adapter_parameters(adapter_name))
 
+    def get_model_status(self) -> PedroModelStatus:
+        trainable, total = self.get_nb_trainable_parameters()
+        grads, devices = {}, {}
+        for name in self.peft_config:
+            flags = {p.requires_grad for p in self.adapter_parameters(name)
+                     if not any(p is q for q in self.rational_parameters(name))}
+            grads[name] = flags.pop() if len(flags) == 1 else "irregular"
+            devices[name] = sorted({str(p.device) for p in self.adapter_parameters(name)})
+        return PedroModelStatus(
+            base_model_type=type(self.get_base_model()).__name__, adapter_model_type="PedroModel",
+            peft_types={n: "PEDRO" for n in self.peft_config}, trainable_params=trainable,
+            total_params=total, num_adapter_layers=len(self.banks) * len(self._targets),
+            enabled=self._layers_enabled,
+            active_adapters=list(self.active_adapters), merged_adapters=[],
+            requires_grad=grads, available_adapters=sorted(self.peft_config), devices=devices)
+
     # ------------------------------------------------------------------ save / load
-    def adapter_state_dict(self, adapter_name: str) -> Dict[str, torch.Tensor]:
+    def adapter_state_dict(self, adapter_name: str,
+                           state_dict: Optional[Dict[str, torch.Tensor]] = None
+                           ) -> Dict[str, torch.Tensor]:
+        """The adapter's tensors under their file names (layers.<i>.<name>). From `state_dict`
+        (this model's full state dict, as Trainer / DeepSpeed gather it) where given."""
         self._require(adapter_name)
+        full = {}
+        if state_dict is not None:
+            full = {m: path for path, m in self.named_modules() if isinstance(m, PedroLayerBank)}
         state = {}
         for idx, bank in self.banks.items():
             for key, p in bank.adapters[adapter_name].named_parameters():
-                state[f"layers.{idx}.{key}"] = p.detach().contiguous().cpu()
+                t = p
+                if bank in full:
+                    t = state_dict.get(f"{full[bank]}.adapters.{adapter_name}.{key}", p)
+                state[f"layers.{idx}.{key}"] = t.detach().contiguous().cpu()
         return state
 
-    def save_pretrained(self, save_directory: str,
-                        selected_adapters: Optional[List[str]] = None) -> None:
-        """adapter_config.json + adapter_model.safetensors per adapter; "default" at the top,
-        other adapters in sub-folders named after them (peft's layout)."""
+    def save_pretrained(self, save_directory: str, safe_serialization: bool = True,
+                        selected_adapters: Optional[List[str]] = None,
+                        save_embedding_layers: Union[str, bool] = "auto",
+                        is_main_process: bool = True, *,
+                        state_dict: Optional[Dict[str, torch.Tensor]] = None, **kwargs) -> None:
+        """adapter_config.json + adapter_model.safetensors (.bin without safe_serialization) per
+        adapter; "default" at the top, other adapters in sub-folders named after them (peft's
+        layout). Only the main process writes. Each file is replaced atomically. `state_dict`
+        (this model's, as Trainer / DeepSpeed gather it) is where the weights are taken from."""
         from safetensors.torch import save_file
 
+        _check_peft_kwargs("save_pretrained", dict(kwargs, save_embedding_layers=save_embedding_layers))
+        if not self.peft_config:
+            raise ValueError("this PedroModel has no adapters to save")
+        if isinstance(selected_adapters, str):
+            selected_adapters = [selected_adapters]
         names = list(self.peft_config) if selected_adapters is None else list(selected_adapters)
         for name in names:
             self._require(name)
+        if not is_main_process:
+            return
+        for name in names:
             path = save_directory if name == "default" else os.path.join(save_directory, name)
             os.makedirs(path, exist_ok=True)
-            self.peft_config[name].save_pretrained(path)
-            save_file(self.adapter_state_dict(name), os.path.join(path, WEIGHTS_NAME),
-                      metadata={"format": "pt", "peft_type": "PEDRO"})
+            tensors = self.adapter_state_dict(name, state_dict)
+            if safe_serialization:
+                _atomic_write(os.path.join(path, WEIGHTS_NAME), lambda f: save_file(
+                    tensors, f, metadata={"format": "pt", "peft_type": "PEDRO"}))
+            else:
+                _atomic_write(os.path.join(path, BIN_WEIGHTS_NAME), lambda f: torch.save(tensors, f))
+            _atomic_write(os.path.join(path, CONFIG_NAME),
+                          lambda f: self.peft_config[name].save_pretrained(path, file=f))
 
-    def load_adapter(self, model_id: str, adapter_name: str, is_trainable: bool = False) -> None:
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
+    def _copy_weights(self, adapter_name: str, state: Dict[str, torch.Tensor], file: str) -> None:
+        expected = self.adapter_state_dict(adapter_name)
+        missing = sorted(set(expected) - set(state))
+        unexpected = sorted(set(state) - set(expected))
+        if missing or unexpected:
+            raise ValueError(f"{file} does not fit this model: missing {missing[:5]}, "
+                             f"unexpected {unexpected[:5]}")
+        for key, want in expected.items():
+            if state[key].shape != want.shape:
+                raise ValueError(f"{file}: {key} has shape {tuple(state[key].shape)}, this "
+                                 f"model needs {tuple(want.shape)}")
+        with torch.no_grad():
+            for idx, bank in self.banks.items():
+                for key, p in bank.adapters[adapter_name].named_parameters():
+                    p.copy_(state[f"layers.{idx}.{key}"])
+        self._bank_changed()
 
-        config = PedroConfig.from_pretrained(model_id)
+    def load_adapter(self, model_id: str, adapter_name: str, is_trainable: bool = False,
+                     torch_device: Optional[str] = None, *, subfolder: Optional[str] = None,
+                     **kwargs) -> None:
+        """Load a saved adapter under a new name (peft's load_adapter: it is not made active,
+        unless the model has no active adapter; trainable only with is_trainable)."""
+        _check_peft_kwargs("load_adapter", kwargs)
+        path = os.path.join(model_id, subfolder) if subfolder else model_id
+        config = PedroConfig.from_pretrained(path)
         config.inference_mode = not is_trainable
-        file = os.path.join(model_id, WEIGHTS_NAME)
-        if not os.path.isfile(file):
-            raise FileNotFoundError(f"no {WEIGHTS_NAME} in {model_id!r}")
+        state, file = _read_weights(path)
         try:
-            state = load_file(file)
-        except (SafetensorError, OSError, ValueError) as exc:
-            raise ValueError(f"{file} is not a readable safetensors file: {exc}") from exc
-        self.add_adapter(adapter_name, config)
+            self.add_adapter(adapter_name, config)
+        except ValueError as exc:
+            raise ValueError(f"cannot load the PEDRO adapter in {path!r}: {exc}") from exc
         try:
-            expected = self.adapter_state_dict(adapter_name)
-            missing = sorted(set(expected) - set(state))
-            unexpected = sorted(set(state) - set(expected))
-            if missing or unexpected:
-                raise ValueError(f"{file} does not fit this model: missing {missing[:5]}, "
-                                 f"unexpected {unexpected[:5]}")
-            for key, want in expected.items():
-                if state[key].shape != want.shape:
-                    raise ValueError(f"{file}: {key} has shape {tuple(state[key].shape)}, this "
-                                     f"model needs {tuple(want.shape)}")
-            with torch.no_grad():
-                for idx, bank in self.banks.items():
-                    for key, p in bank.adapters[adapter_name].named_parameters():
-                        p.copy_(state[f"layers.{idx}.{key}"])
-        except Exception:
+            self._copy_weights(adapter_name, state, file)
+            if torch_device is not None:
+                self._move_adapter(adapter_name, torch_device)
+        except BaseException:
             self.delete_adapter(adapter_name)
             raise
-        if is_trainable:
-            self.set_adapter(adapter_name)
-        self._bank_changed()
+        self._set_grad(adapter_name, is_trainable)
 
     @classmethod
     def from_pretrained(cls, model: nn.Module, model_id: str, adapter_name: str = "default",
-                        is_trainable: bool = False) -> "PedroModel":
-        config = PedroConfig.from_pretrained(model_id)
-        placeholder = "__loading__"
-        pedro = cls(model, config, adapter_name=placeholder)
+                        is_trainable: bool = False, config: Optional[PedroConfig] = None, *,
+                        subfolder: Optional[str] = None, torch_device: Optional[str] = None,
+                        **kwargs) -> "PedroModel":
+        """Wrap `model` with the adapter saved in `model_id` (peft's PeftModel.from_pretrained).
+        On any error the model is left exactly as it was."""
+        _check_peft_kwargs("from_pretrained", kwargs)
+        path = os.path.join(model_id, subfolder) if subfolder else model_id
+        config = PedroConfig.from_dict(config.to_dict()) if config is not None else \
+            PedroConfig.from_pretrained(path)
+        config.inference_mode = not is_trainable
+        state, file = _read_weights(path)
         try:
-            pedro.load_adapter(model_id, adapter_name, is_trainable=is_trainable)
-        except Exception:
+            pedro = cls(model, config, adapter_name=adapter_name)
+        except ValueError as exc:
+            raise ValueError(f"cannot load the PEDRO adapter in {path!r}: {exc}") from exc
+        try:
+            pedro._copy_weights(adapter_name, state, file)
+            if torch_device is not None:
+                pedro._move_adapter(adapter_name, torch_device)
+        except BaseException:
             pedro.unload()
             raise
-        pedro.delete_adapter(placeholder)
-        pedro.set_adapter(adapter_name)
         return pedro
 
     # ------------------------------------------------------------------ unwrapping
     def unload(self) -> nn.Module:
-        """The base model with its original Linear modules back, no PEDRO left in it."""
-        for parent, attr, linear in self._wrapped:
-            setattr(parent, attr, linear)
-        self._wrapped = []
-        self.banks = {}
-        return self.base_model
+        """The base model exactly as it was before wrapping (original Linears and MLP forwards,
+        no hooks, its parameters' requires_grad flags); this PedroModel then has no adapters."""
+        self._restore()
+        self.peft_config = {}
+        self.active_adapters = []
+        self._index = {}
+        self._unloaded = True
+        return self.get_base_model()
 
     def merge_and_unload(self, *args, **kwargs):
         raise NotImplementedError(
@@ -400,6 +804,51 @@ class PedroModel(nn.Module):
             "unload() to get the base model back, or keep the PedroModel for inference.")
 
 
+def _enter_direct(pedro: PedroModel, args, kwargs) -> None:
+    """A call of the base model that no PedroModel call set up (peft's convention: the active
+    adapter for every row, pooling over this forward's positions)."""
+    call = current_call()
+    if call is not None and call.model is pedro:
+        call.nested += call.direct
+        return
+    x = kwargs.get("input_ids")
+    if x is None:
+        x = kwargs.get("inputs_embeds")
+    if x is None and args:
+        x = args[0]
+    if not isinstance(x, torch.Tensor):
+        return  # the model itself reports the missing input
+    mask = kwargs.get("attention_mask")
+    if not (isinstance(mask, torch.Tensor) and mask.dim() == 2):
+        mask = None  # a 4D / custom mask: pool over every position
+    call = pedro._make_call(x.shape[0], None, mask, None, None, reuse=False, direct=True)
+    if call.any_adapter and _cached_tokens(kwargs.get("cache", kwargs.get("past_key_values"))):
+        raise RuntimeError(
+            "PEDRO: the base model was called directly on a continuation of a KV cache (a decoding "
+            "step), where the prompt its adapter pools over is no longer visible. Generate with "
+            "PedroModel.generate (it computes the vectors once at prefill), or use "
+            "pedro.disable_adapter() to run the base model alone")
+    call.token = _CURRENT.set(call)
+
+
+def _leave_direct(pedro: PedroModel) -> None:
+    call = current_call()
+    if call is None or call.model is not pedro:
+        return
+    if call.direct:
+        if call.nested:
+            call.nested -= 1
+        else:
+            _CURRENT.reset(call.token)
+    elif call.static is not None:
+        call.static.prefilled = True  # the first pass of a static generate call is its prefill
+
+
+_enter_direct_eagerly = torch.compiler.disable(_enter_direct)
+_leave_direct_eagerly = torch.compiler.disable(_leave_direct)
+
+
 def get_pedro_model(model: nn.Module, config: PedroConfig, adapter_name: str = "default") -> PedroModel:
-    """Wrap a Hugging Face causal LM with a PEDRO adapter (peft's get_peft_model, for PEDRO)."""
+    """Wrap a Hugging Face causal LM with a PEDRO adapter (peft's get_peft_model, for PEDRO).
+    On any error the model is left exactly as it was."""
     return PedroModel(model, config, adapter_name=adapter_name)

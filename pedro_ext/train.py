@@ -41,6 +41,7 @@ from tqdm.auto import tqdm
 
 from .data import (IGNORE, LABEL_PROMPT_TEMPLATE, LABEL_RESPONSE_TEMPLATE, check_templates,
                    collate, encode, to_pairs)
+from .diagnostics import vector_spread
 from .model import PedroModel
 
 __all__ = ["TrainConfig", "train", "train_baseline", "evaluate", "response_loss",
@@ -277,7 +278,7 @@ def train(pedro: PedroModel, tokenizer, train_pairs: Sequence, dev_pairs: Sequen
 
     try:
         return _fit(pedro, tokenizer, train_pairs, dev_pairs, cfg, groups,
-                    save if cfg.output_dir else None, desc=f"train {adapter}")
+                    save if cfg.output_dir else None, desc=f"train {adapter}", adapter=adapter)
     finally:
         for p, flag in zip(rational, saved_flags):
             p.requires_grad_(flag)
@@ -299,7 +300,17 @@ def _finite(x):
     return x if x is None or math.isfinite(x) else None
 
 
-def _fit(module, tokenizer, train_pairs, dev_pairs, cfg, groups, save, desc):
+def _vector_spread(pedro: PedroModel, adapter: str, dev_ex: List[dict], pad_id: int, cfg,
+                   device) -> dict:
+    """Is the generator using the prompt? Per layer, the spread of the vectors across one dev
+    batch's prompts against their static part (pedro_ext.diagnostics.vector_spread)."""
+    batch = {k: v.to(device) for k, v in collate(dev_ex[:max(2, cfg.batch_size)], pad_id).items()}
+    out = vector_spread(pedro, batch, adapter)
+    return {k: ([_finite(x) for x in v] if isinstance(v, list) else
+                _finite(v) if isinstance(v, float) else v) for k, v in out.items()}
+
+
+def _fit(module, tokenizer, train_pairs, dev_pairs, cfg, groups, save, desc, adapter=None):
     rank, world = _world()
     torch.manual_seed(cfg.seed)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -368,6 +379,9 @@ def _fit(module, tokenizer, train_pairs, dev_pairs, cfg, groups, save, desc):
                                     cfg.eval_batches)
                 module.train()
                 record["dev_loss"] = _finite(dev_loss)
+                if adapter is not None and len(dev_ex) >= 2:
+                    record["vector_spread"] = _vector_spread(module, adapter, dev_ex, pad_id,
+                                                             cfg, device)
                 if dev_loss < best:
                     best, best_step, bad_evals = dev_loss, step + 1, 0
                     best_state = [p.detach().clone() for p in trained]

@@ -13,7 +13,7 @@ import sys
 import torch
 import torch.distributed as dist
 
-from .config import POOLING_MODES, PedroConfig
+from .config import POOL_NORMS, POOLING_MODES, PedroConfig
 from .data import read_pairs
 from .train import RATIONAL_MODES, TrainConfig, train
 
@@ -79,6 +79,10 @@ def build_parser() -> argparse.ArgumentParser:
     ad.add_argument("--r", type=int, default=p.r, help="bottleneck width of each layer's generator")
     ad.add_argument("--pooling", choices=POOLING_MODES, default=p.pooling,
                     help="how the prompt's hidden states become one vector")
+    ad.add_argument("--pool-norm", choices=POOL_NORMS, default=p.pool_norm,
+                    help="normalisation of the pooled vector before the down-projection")
+    ad.add_argument("--pool-norm-affine", action="store_true", default=p.pool_norm_affine,
+                    help="give the pooled-input norm a learnable scale (and shift for 'layer')")
     ad.add_argument("--init-scale", type=float, default=p.init_scale,
                     help="std of w_down is init_scale / sqrt(hidden size)")
     ad.add_argument("--dropout", type=float, default=p.dropout,
@@ -182,7 +186,8 @@ def main(argv=None):
     try:
         cfg = TrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)
                              if f.name not in ("progress",)}, progress=not args.no_progress)
-        pedro_cfg = PedroConfig(r=args.r, pooling=args.pooling, init_scale=args.init_scale,
+        pedro_cfg = PedroConfig(r=args.r, pooling=args.pooling, pool_norm=args.pool_norm,
+                                pool_norm_affine=args.pool_norm_affine, init_scale=args.init_scale,
                                 dropout=args.dropout, rational_init=args.rational_init,
                                 target_modules=args.target_modules)
     except ValueError as exc:

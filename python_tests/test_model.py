@@ -231,7 +231,7 @@ def test_gradient_checkpointing_gives_the_same_gradients():
 
 def test_multi_task_batch_gives_each_adapter_only_its_rows_gradients():
     pedro = _three_adapters().train()
-    pedro.set_adapter(["a", "b"])
+    pedro.set_requires_grad(["a", "b"])
     batch = _lm_batch(batch=4)
     names = ["a", "b", "a", "b"]
 

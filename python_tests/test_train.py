@@ -230,3 +230,24 @@ def test_train_takes_text_label_rows_and_names_bad_rows():
 def test_train_config_rejects_bad_values(field, value):
     with pytest.raises(ValueError, match=field):
         TrainConfig(**{field: value})
+
+
+def test_metrics_log_the_vector_spread_against_the_static_part(tmp_path):
+    tok = CharTokenizer()
+    pedro = _pedro()
+    dev = toy_pairs(8, seed=7)
+    train(pedro, tok, toy_pairs(16, seed=6), dev,
+          TrainConfig(steps=4, batch_size=4, lr=5e-2, rational_mode="joint", eval_every=2,
+                      max_length=64, output_dir=str(tmp_path), progress=False))
+    records = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+    evals = [r for r in records if "dev_loss" in r]
+    assert [r["step"] for r in evals] == [2, 4]
+    assert all("vector_spread" not in r for r in records if "dev_loss" not in r)
+    layers = sorted(pedro.banks)
+    for r in evals:
+        spread = r["vector_spread"]
+        assert spread["layers"] == layers and spread["adapter"] == "default"
+        assert len(spread["spread_rms"]) == len(spread["static_rms"]) == len(layers)
+        assert spread["mean_spread_rms"] == pytest.approx(sum(spread["spread_rms"]) / len(layers))
+        # trained w_up / b_up are no longer zero: both parts are visible
+        assert min(spread["spread_rms"]) > 0 and min(spread["static_rms"]) > 0

@@ -1,0 +1,54 @@
+"""Llama-family MLPs with PEDRO's FFN-up scaling fused into the activation product:
+down(act(gate(x)) * up(x) * l_u) with one act_mul_modulate op, so scaling U adds no pass over
+the [B, T, intermediate] activations. Other MLPs keep the unfused path (up_proj's PedroLinear
+scales its own output)."""
+import functools
+from typing import Optional
+
+from torch import nn
+
+from . import layer as _layer
+from .layer import PedroLinear
+
+# MLP classes whose forward is exactly down_proj(act_fn(gate_proj(x)) * up_proj(x)).
+FUSABLE_MLPS = ("LlamaMLP", "MistralMLP", "Qwen2MLP", "Qwen3MLP")
+# act_fn classes (transformers.activations) computing exactly F.silu / F.gelu(approximate="tanh")
+_ACTIVATIONS = {"SiLU": "silu", "SiLUActivation": "silu", "GELUTanh": "gelu_tanh"}
+
+
+def fused_activation(mlp: nn.Module) -> Optional[str]:
+    """The act_mul_modulate activation for this MLP, or None if it cannot be fused."""
+    if type(mlp).__name__ not in FUSABLE_MLPS or "forward" in vars(mlp):
+        return None
+    if not all(isinstance(getattr(mlp, n, None), nn.Module)
+               for n in ("gate_proj", "up_proj", "down_proj", "act_fn")):
+        return None
+    if not isinstance(mlp.up_proj, PedroLinear):
+        return None
+    name = _ACTIVATIONS.get(type(mlp.act_fn).__name__)
+    if name == "gelu_tanh" and not isinstance(getattr(mlp.act_fn, "act", None), functools.partial):
+        return None  # GELUTanh(use_gelu_tanh_python=True) rounds differently from F.gelu
+    return name
+
+
+def fuse(mlp: nn.Module, activation: str) -> None:
+    """Give `mlp` the fused forward (an instance attribute; `unfuse` removes it)."""
+    mlp.pedro_activation = activation
+    mlp.forward = functools.partial(_fused_forward, mlp)  # (a partial copies and pickles)
+
+
+def unfuse(mlp: nn.Module) -> None:
+    vars(mlp).pop("forward", None)
+    vars(mlp).pop("pedro_activation", None)
+
+
+def _fused_forward(mlp: nn.Module, x):
+    """down(act(gate(x)) * up(x) * l_u), scaling U inside the activation product."""
+    up_proj = mlp.up_proj
+    v = up_proj.vectors(x)
+    gate, up = mlp.gate_proj(x), up_proj.base_layer(x)
+    if v is None:
+        return mlp.down_proj(mlp.act_fn(gate) * up)
+    h = _layer._OPS["act_mul_modulate"](gate, up, v, activation=mlp.pedro_activation,
+                                        check_ids=False)
+    return mlp.down_proj(h)

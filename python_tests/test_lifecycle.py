@@ -1,0 +1,276 @@
+"""Adapter lifecycle and peft parity: failed loads leave the model as it was, wrapping twice,
+deleting the last adapter, clear errors, Trainer checkpoints, peft's signatures."""
+import json
+import os
+
+import pytest
+import torch
+import transformers
+
+from pedro_ext import PedroConfig, PedroModel, get_pedro_model
+from pedro_ext.layer import PedroLinear
+
+from tiny_models import randomize_adapter, tiny_model
+
+
+def prompts(batch=2, length=6, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(3, 97, (batch, length), generator=g)
+
+
+def _snapshot(model):
+    """Everything wrapping touches: module tree, hooks, grad flags, instance forwards, weights."""
+    return dict(
+        modules=[(n, type(m).__name__, "forward" in vars(m), len(m._forward_pre_hooks),
+                  len(m._forward_hooks)) for n, m in model.named_modules()],
+        grads=[(n, p.requires_grad) for n, p in model.named_parameters()],
+        state={k: v.clone() for k, v in model.state_dict().items()})
+
+
+def _assert_unchanged(model, before):
+    after = _snapshot(model)
+    assert after["modules"] == before["modules"]
+    assert after["grads"] == before["grads"]
+    assert after["state"].keys() == before["state"].keys()
+    assert all(torch.equal(after["state"][k], v) for k, v in before["state"].items())
+
+
+def _saved_adapter(tmp_path, **model_kw):
+    pedro = get_pedro_model(tiny_model(**model_kw), PedroConfig(r=4))
+    randomize_adapter(pedro, "default", seed=1)
+    pedro.save_pretrained(str(tmp_path / "ad"))
+    return pedro.eval(), str(tmp_path / "ad")
+
+
+# ----------------------------------------------------------------------- failed loads
+def test_a_failed_load_leaves_the_model_as_it_was_and_names_the_path(tmp_path):
+    _, path = _saved_adapter(tmp_path)
+    model = tiny_model(hidden_size=32, intermediate_size=64)
+    before = _snapshot(model)
+    with pytest.raises(ValueError, match=f"{path}.*hidden_size=48"):
+        PedroModel.from_pretrained(model, path)
+    _assert_unchanged(model, before)
+    weights = os.path.join(path, "adapter_model.safetensors")
+    good = open(weights, "rb").read()
+    open(weights, "wb").write(good[:100])
+    with pytest.raises(ValueError, match="adapter_model.safetensors is not a readable"):
+        PedroModel.from_pretrained(tiny_model(), path)
+    open(weights, "wb").write(good)
+    # shapes that do not fit, found only after wrapping: unwrapped again
+    cfg = json.load(open(os.path.join(path, "adapter_config.json")))
+    cfg.update(hidden_size=None, r=3)
+    json.dump(cfg, open(os.path.join(path, "adapter_config.json"), "w"))
+    model = tiny_model()
+    before = _snapshot(model)
+    with pytest.raises(ValueError, match="has shape"):
+        PedroModel.from_pretrained(model, path)
+    _assert_unchanged(model, before)
+
+
+def test_a_failed_wrap_leaves_the_model_as_it_was_and_a_later_one_works(tmp_path):
+    pedro_saved, path = _saved_adapter(tmp_path)
+    model = tiny_model()
+    before = _snapshot(model)
+    with pytest.raises(ValueError, match="has no module"):
+        get_pedro_model(model, PedroConfig(target_modules=["q_proj", "o_proj", "nope_proj"]))
+    _assert_unchanged(model, before)
+    loaded = PedroModel.from_pretrained(model, path).eval()
+    ids = prompts()
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, pedro_saved(ids).logits)
+
+
+def test_wrapping_twice_says_already_wrapped():
+    model = tiny_model()
+    pedro = get_pedro_model(model, PedroConfig())
+    with pytest.raises(ValueError, match="already wrapped"):
+        get_pedro_model(model, PedroConfig())
+    with pytest.raises(ValueError, match="already a PedroModel"):
+        get_pedro_model(pedro, PedroConfig())
+    pedro.unload()
+    get_pedro_model(model, PedroConfig())  # after unload the model can be wrapped again
+
+
+# ----------------------------------------------------------------------- adapter lifecycle
+def test_deleting_the_last_adapter_runs_the_base_model_until_one_is_added():
+    model = tiny_model()
+    ids = prompts()
+    with torch.no_grad():
+        base_logits = model(ids).logits
+    base_out = model.generate(ids, max_new_tokens=4, do_sample=False, pad_token_id=0)
+    pedro = get_pedro_model(model, PedroConfig(r=4), adapter_name="a")
+    randomize_adapter(pedro, "a", seed=2)
+    pedro.delete_adapter("a")
+    assert pedro.active_adapters == [] and pedro.active_adapter is None
+    with torch.no_grad():
+        assert torch.equal(pedro(ids).logits, base_logits)
+        assert torch.equal(pedro.get_base_model()(ids).logits, base_logits)
+    assert torch.equal(pedro.generate(ids, max_new_tokens=4, do_sample=False, pad_token_id=0),
+                       base_out)
+    with pytest.raises(ValueError, match="no adapters to save"):
+        pedro.save_pretrained("unused")
+    pedro.add_adapter("b", PedroConfig(r=3))
+    assert pedro.active_adapter == "b"
+    randomize_adapter(pedro, "b", seed=3)
+    pedro.eval()
+    with torch.no_grad():
+        assert not torch.allclose(pedro(ids).logits, base_logits)
+    assert pedro.unload() is model
+    with torch.no_grad():
+        assert torch.equal(pedro(ids).logits, base_logits)
+    with pytest.raises(ValueError, match="unloaded"):
+        pedro.add_adapter("c", PedroConfig())
+    with pytest.raises(ValueError, match="unknown adapter 'b'"):
+        pedro(ids, adapter_names=["b", None])
+
+
+def test_ambiguous_calls_raise_clear_errors():
+    pedro = get_pedro_model(tiny_model(), PedroConfig(r=4), adapter_name="a")
+    pedro.add_adapter("b", PedroConfig(r=4))
+    with pytest.raises(ValueError, match="set_adapter takes one adapter name"):
+        pedro.set_adapter(["a", "b"])
+    with pytest.raises(ValueError, match="got the string 'caps'"):
+        pedro(prompts(), adapter_names="caps")
+    with pytest.raises(ValueError, match=r"attention_mask must be a \[batch=2, positions\]"):
+        pedro(prompts(), attention_mask=torch.ones(3, 6))
+    with pytest.raises(ValueError, match="prompt_lengths must have one entry per row"):
+        pedro(prompts(), attention_mask=torch.ones(2, 6), prompt_lengths=[1, 2, 3])
+
+
+# ----------------------------------------------------------------------- peft parity
+def test_nesting_matches_peft():
+    peft = pytest.importorskip("peft")
+    lora = peft.get_peft_model(tiny_model(), peft.LoraConfig(target_modules=["q_proj"]))
+    model = tiny_model()
+    pedro = get_pedro_model(model, PedroConfig())
+    assert type(pedro.base_model.model) is type(lora.base_model.model) is type(model)
+    assert pedro.base_model.model is model is pedro.get_base_model()
+    assert pedro.config is model.config  # attributes reach through the nesting
+
+
+def test_peft_signatures(tmp_path):
+    peft = pytest.importorskip("peft")
+    pedro = get_pedro_model(tiny_model(), PedroConfig(r=4, task_type=peft.TaskType.CAUSAL_LM))
+    pedro.add_adapter("other", PedroConfig(r=2, task_type="CAUSAL_LM"))
+    randomize_adapter(pedro, "default", seed=4)
+    randomize_adapter(pedro, "other", seed=5)
+    pedro.eval()
+    ids = prompts()
+    with torch.no_grad():
+        want = pedro(ids, adapter_names=["default", "other"]).logits
+
+    pedro.save_pretrained(str(tmp_path / "no"), is_main_process=False)
+    assert not os.path.exists(tmp_path / "no")
+    pedro.save_pretrained(str(tmp_path / "bin"), safe_serialization=False,
+                          selected_adapters=["other"])
+    assert sorted(os.listdir(tmp_path / "bin" / "other")) == ["adapter_config.json",
+                                                              "adapter_model.bin"]
+    pedro.save_pretrained(str(tmp_path / "st"))
+    with pytest.raises(TypeError, match="unexpected keyword argument 'foo'"):
+        pedro.save_pretrained(str(tmp_path / "x"), foo=1)
+
+    cfg = PedroConfig.from_pretrained(str(tmp_path / "st"))
+    loaded = PedroModel.from_pretrained(tiny_model(), str(tmp_path / "st"), config=cfg,
+                                        torch_device="cpu", is_trainable=True)
+    assert all(p.requires_grad for p in loaded.adapter_parameters())
+    loaded.load_adapter(str(tmp_path / "bin"), "other", subfolder="other")
+    assert not any(p.requires_grad for p in loaded.adapter_parameters("other"))
+    loaded.eval()
+    with torch.no_grad():
+        assert torch.equal(loaded(ids, adapter_names=["default", "other"]).logits, want)
+    frozen = PedroModel.from_pretrained(tiny_model(), str(tmp_path / "bin"), subfolder="other")
+    assert not any(p.requires_grad for p in frozen.adapter_parameters())
+    with pytest.raises(ValueError, match="low_cpu_mem_usage=True is not supported"):
+        PedroModel.from_pretrained(tiny_model(), str(tmp_path / "st"), low_cpu_mem_usage=True)
+
+    out = pedro.generate(inputs=ids, max_new_tokens=3, do_sample=False, pad_token_id=0)
+    assert torch.equal(out, pedro.generate(ids, max_new_tokens=3, do_sample=False, pad_token_id=0))
+
+    with torch.no_grad():
+        active = pedro(ids).logits
+        pedro.disable_adapter_layers()
+        with pedro.disable_adapter():
+            base = pedro(ids).logits
+        assert torch.equal(pedro(ids).logits, base)
+        assert torch.equal(pedro.get_base_model()(ids).logits, base)
+        pedro.enable_adapter_layers()
+        assert torch.equal(pedro(ids).logits, active)
+
+    pedro.set_requires_grad(["default", "other"])
+    status = pedro.get_model_status()
+    assert status.requires_grad == {"default": True, "other": True}
+    pedro.set_requires_grad("other", False)
+    status = pedro.get_model_status()
+    assert status.requires_grad == {"default": True, "other": False}
+    assert status.active_adapters == ["default"] and status.available_adapters == ["default", "other"]
+    assert status.peft_types == {"default": "PEDRO", "other": "PEDRO"} and status.enabled
+    assert status.base_model_type == "LlamaForCausalLM" and status.devices["other"] == ["cpu"]
+    assert status.num_adapter_layers == 2 * 3
+
+
+def test_config_rejects_what_pedro_does_not_support():
+    with pytest.raises(ValueError, match="task_type must be None or 'CAUSAL_LM'"):
+        PedroConfig(task_type="SEQ_CLS")
+    with pytest.raises(ValueError, match="modules_to_save.*not supported"):
+        PedroConfig(modules_to_save=["lm_head"])
+    assert PedroConfig(modules_to_save=[]).modules_to_save == []
+
+
+# ----------------------------------------------------------------------- Trainer
+def test_trainer_checkpoints_write_the_adapter(tmp_path):
+    from torch.utils.data import Dataset
+
+    ids = prompts(batch=8, length=10, seed=7)
+
+    class Data(Dataset):
+        def __len__(self):
+            return len(ids)
+
+        def __getitem__(self, i):
+            return {"input_ids": ids[i], "attention_mask": torch.ones_like(ids[i]),
+                    "labels": ids[i], "prompt_lengths": torch.tensor(4)}
+
+    model = tiny_model(tie_word_embeddings=True)
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    pedro = get_pedro_model(model, PedroConfig(r=4))
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path), per_device_train_batch_size=4, max_steps=4, learning_rate=1e-2,
+        save_strategy="steps", save_steps=2, report_to=[], use_cpu=True)
+    trainer = transformers.Trainer(model=pedro, args=args, train_dataset=Data())
+    trainer.train()
+    trainer.save_model(str(tmp_path / "final"))
+    for folder in ("checkpoint-2", "checkpoint-4", "final"):
+        files = os.listdir(tmp_path / folder)
+        assert {"adapter_config.json", "adapter_model.safetensors"} <= set(files), files
+        assert "model.safetensors" not in files
+    pedro.eval()
+    for folder in ("checkpoint-4", "final"):
+        reloaded = PedroModel.from_pretrained(tiny_model(tie_word_embeddings=True),
+                                              str(tmp_path / folder)).eval()
+        for a, b in zip(reloaded.adapter_parameters(), pedro.adapter_parameters()):
+            assert torch.equal(a, b)
+    first = PedroModel.from_pretrained(tiny_model(tie_word_embeddings=True),
+                                       str(tmp_path / "checkpoint-2"))
+    assert any(not torch.equal(a, b) for a, b in zip(first.adapter_parameters(),
+                                                     pedro.adapter_parameters()))
+
+
+def test_copies_and_pickles_are_independent_models():
+    import copy
+    import pickle
+
+    pedro = get_pedro_model(tiny_model(), PedroConfig(r=4))
+    randomize_adapter(pedro, "default", seed=6)
+    pedro.eval()
+    ids = prompts()
+    with torch.no_grad():
+        want = pedro(ids).logits
+    for clone in (copy.deepcopy(pedro), pickle.loads(pickle.dumps(pedro))):
+        with torch.no_grad():
+            assert torch.equal(clone(ids).logits, want)
+        base = clone.unload()  # restores the clone's modules, not the original's
+        assert not any(isinstance(m, PedroLinear) for m in base.modules())
+        assert not any("forward" in vars(m) for m in base.modules())
+    assert isinstance(pedro.get_base_model().model.layers[0].self_attn.q_proj, PedroLinear)
+    with torch.no_grad():
+        assert torch.equal(pedro(ids).logits, want)

@@ -1,0 +1,309 @@
+"""Routing belongs to one call: direct base-model calls, threads, gradient checkpointing,
+per-row dropout, in-place scaling, the fused MLP and compiled static-cache decoding."""
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import torch
+
+from pedro_ext import PedroConfig, get_pedro_model
+from pedro_ext import layer as layer_mod
+from pedro_ext.routing import entered
+
+from conftest import requires_cuda
+from tiny_models import randomize_adapter, tiny_model
+
+
+def prompts(batch=3, length=7, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(3, 97, (batch, length), generator=g)
+
+
+def _pedro(seed=0):
+    pedro = get_pedro_model(tiny_model(seed=seed), PedroConfig(r=4), adapter_name="a")
+    pedro.add_adapter("b", PedroConfig(r=3, pooling="last"))
+    pedro.add_adapter("c", PedroConfig(r=5, pooling="attention", pool_norm="rms"))
+    for i, name in enumerate("abc"):
+        randomize_adapter(pedro, name, seed=20 + i)
+    return pedro.eval()
+
+
+def _gen(model, ids, **kw):
+    return model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=5,
+                          do_sample=False, pad_token_id=0, **kw)
+
+
+# ----------------------------------------------------------------------- direct calls
+def test_direct_call_after_a_routed_call_uses_the_active_adapter():
+    pedro = _pedro()
+    ids = prompts(batch=2, length=6)
+    mask = torch.ones_like(ids)
+    mask[1, :2] = 0
+    with torch.no_grad():
+        routed_b = pedro(ids, attention_mask=mask, adapter_names=["b", "b"]).logits
+        direct = pedro.get_base_model()(ids, attention_mask=mask).logits
+        active = pedro(ids, attention_mask=mask).logits
+        with pedro.disable_adapter():
+            base = pedro(ids, attention_mask=mask).logits
+            direct_disabled = pedro.get_base_model()(ids, attention_mask=mask).logits
+    assert torch.equal(direct, active), "a direct call follows peft: the active adapter"
+    assert not torch.allclose(direct, routed_b), "the previous call's routing leaked"
+    assert not torch.allclose(direct, base)
+    assert torch.equal(direct_disabled, base)
+
+
+def test_direct_generate_of_the_base_model_raises_instead_of_a_wrong_answer():
+    pedro = _pedro()
+    ids = prompts(batch=2, length=6)
+    _gen(pedro, ids, adapter_names=["b", None])
+    with pytest.raises(RuntimeError, match="PedroModel.generate"):
+        _gen(pedro.get_base_model(), ids)
+    with pedro.disable_adapter():  # no adapter in play: the base model generates as usual
+        with torch.no_grad():
+            out = _gen(pedro.get_base_model(), ids)
+    assert torch.equal(out, _gen(pedro, ids, adapter_names=[None, None]))
+
+
+def test_a_layer_called_outside_any_call_raises():
+    pedro = _pedro()
+    q_proj = pedro.get_base_model().model.layers[0].self_attn.q_proj
+    with pytest.raises(RuntimeError, match="outside any PedroModel call"):
+        q_proj(torch.randn(1, 3, 48))
+
+
+def test_adapter_names_must_be_a_list():
+    pedro = _pedro()
+    with pytest.raises(ValueError, match="got the string 'a'"):
+        pedro(prompts(), adapter_names="a")
+
+
+# ----------------------------------------------------------------------- threads
+def test_concurrent_generate_calls_on_one_model_equal_sequential_ones():
+    pedro = _pedro()
+    choices = ["a", "b", "c", None]
+    jobs = []
+    for i in range(16):
+        g = torch.Generator().manual_seed(i)
+        batch = 1 + i % 3
+        names = [choices[int(j)] for j in torch.randint(0, 4, (batch,), generator=g)]
+        jobs.append((prompts(batch, 4 + i % 5, seed=100 + i), names))
+    expected = [_gen(pedro, ids, adapter_names=names) for ids, names in jobs]
+    start = threading.Barrier(len(jobs))
+
+    def run(job):
+        start.wait()
+        return _gen(pedro, job[0], adapter_names=job[1])
+
+    with ThreadPoolExecutor(len(jobs)) as pool:
+        got = list(pool.map(run, jobs))
+    for (ids, names), want, have in zip(jobs, expected, got):
+        assert torch.equal(want, have), names
+
+
+def test_disable_adapter_is_scoped_to_its_thread():
+    pedro = _pedro()
+    ids = prompts(batch=1)
+    with torch.no_grad():
+        adapted = pedro(ids).logits
+        seen = {}
+        with pedro.disable_adapter():
+            worker = threading.Thread(target=lambda: seen.update(x=pedro(ids).logits))
+            worker.start()
+            worker.join()
+            base = pedro(ids).logits
+    assert torch.equal(seen["x"], adapted)
+    assert not torch.allclose(base, adapted)
+
+
+# ----------------------------------------------------------------------- gradient checkpointing
+def _lm_batch(batch=4, length=10, seed=0):
+    ids = prompts(batch, length, seed)
+    return dict(input_ids=ids, attention_mask=torch.ones_like(ids), labels=ids.clone())
+
+
+def test_checkpoint_recomputation_sees_its_own_calls_routing():
+    batch = _lm_batch()
+    names = ["a", "b", None, "c"]
+    grads = []
+    for ckpt in (False, True):
+        pedro = _pedro().train()
+        pedro.set_requires_grad(["a", "b", "c"])
+        if ckpt:
+            pedro.gradient_checkpointing_enable()
+        loss = pedro(**batch, adapter_names=names, prompt_lengths=[4, 6, 5, 3]).loss
+        # another call in between: the recomputation must not pick up its routing
+        with torch.no_grad():
+            pedro(batch["input_ids"][:1], adapter_names=["b"])
+        before = pedro.vector_computations
+        loss.backward()
+        assert pedro.vector_computations - before == (len(pedro.banks) if ckpt else 0)
+        grads.append({n: [p.grad.clone() for p in pedro.adapter_parameters(n)] for n in "abc"})
+    for n in "abc":
+        assert any(g.abs().sum() > 0 for g in grads[0][n]), n
+        for a, b in zip(grads[0][n], grads[1][n]):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_checkpointing_enabled_on_the_base_model_is_refused():
+    pedro = _pedro().train()
+    pedro.get_base_model().gradient_checkpointing_enable()
+    with pytest.raises(ValueError, match="PedroModel.gradient_checkpointing_enable"):
+        pedro(**_lm_batch())
+    with pytest.raises(ValueError, match="use_reentrant=False"):
+        pedro.gradient_checkpointing_enable({"use_reentrant": True})
+
+
+# ----------------------------------------------------------------------- dropout per row
+def test_each_row_gets_its_own_adapters_dropout():
+    pedro = get_pedro_model(tiny_model(), PedroConfig(r=4, dropout=0.0), adapter_name="a")
+    pedro.add_adapter("b", PedroConfig(r=4, dropout=0.5))
+    seen = []
+    real = layer_mod._OPS["generate"]
+
+    def spy(pooled, *args, **kwargs):
+        seen.append(pooled.detach().clone())
+        return real(pooled, *args, **kwargs)
+
+    ids = prompts(batch=3, length=8)
+    names = ["a", "b", None]
+    layer_mod._OPS["generate"] = spy
+    try:
+        torch.manual_seed(0)
+        with torch.no_grad():
+            pedro.train()(ids, adapter_names=names)
+            pedro.eval()(ids, adapter_names=names)
+    finally:
+        layer_mod._OPS["generate"] = real
+    n = len(pedro.banks)
+    for trained, clean in zip(seen[:n], seen[n:]):
+        assert torch.equal(trained[0], clean[0]), "adapter a has no dropout"
+        dropped = trained[1] == 0
+        assert 10 <= int(dropped.sum()) <= 38, "about half of b's 48 features dropped"
+        torch.testing.assert_close(trained[1][~dropped], 2 * clean[1][~dropped])
+
+
+# ----------------------------------------------------------------------- op choice, fusion
+def _spy_ops(monkeypatch):
+    calls = []
+    for name in ("modulate", "modulate_", "act_mul_modulate"):
+        real = layer_mod._OPS[name]
+        monkeypatch.setitem(layer_mod._OPS, name,
+                            lambda *a, _n=name, _r=real, **k: calls.append(_n) or _r(*a, **k))
+    return calls
+
+
+def test_inference_scales_in_place_and_training_does_not(monkeypatch):
+    pedro = _pedro()
+    calls = _spy_ops(monkeypatch)
+    ids = prompts()
+    with torch.no_grad():
+        pedro(ids, adapter_names=["a", "b", "c"])
+    per_layer = {"modulate_": 2, "act_mul_modulate": 1}  # q, v in place; up fused
+    assert sorted(calls) == sorted([k for k, v in per_layer.items() for _ in range(v)]
+                                   * len(pedro.banks))
+    calls.clear()
+    pedro.train()(ids, adapter_names=["a", "b", "c"]).logits.sum().backward()
+    assert "modulate_" not in calls and calls.count("modulate") == 2 * len(pedro.banks)
+
+
+def test_fused_mlp_matches_the_unfused_path_and_unloads():
+    pedro = _pedro()
+    mlps = [layer.mlp for layer in pedro.get_base_model().model.layers]
+    assert all("forward" in vars(m) for m in mlps)
+    ids = prompts(batch=4)
+    names = ["a", "b", "c", None]
+    with torch.no_grad():
+        fused = pedro(ids, adapter_names=names).logits
+        saved = [vars(m).pop("forward") for m in mlps]  # the unfused path: up_proj scales itself
+        unfused = pedro(ids, adapter_names=names).logits
+    for m, f in zip(mlps, saved):
+        m.forward = f
+    torch.testing.assert_close(fused, unfused, rtol=1e-5, atol=1e-5)
+    pedro.unload()
+    assert not any("forward" in vars(m) for m in mlps)
+
+
+# ----------------------------------------------------------------------- static cache / compile
+def test_static_cache_generate_equals_dynamic_and_resets_its_routing():
+    pedro = _pedro()
+    ids = prompts(batch=3, length=5)
+    names = ["c", None, "a"]
+    want = _gen(pedro, ids, adapter_names=names)
+    assert torch.equal(_gen(pedro, ids, adapter_names=names, cache_implementation="static"), want)
+    static = pedro._static
+    assert not static.active and static.vectors
+    assert all(torch.all(v == 1) for v in static.vectors.values()), "no vectors outlive the call"
+
+
+def test_compiled_static_cache_decode_follows_each_calls_adapters():
+    from torch._dynamo.utils import counters
+    from transformers import CompileConfig
+
+    pedro = _pedro()
+    ids = prompts(batch=4, length=5)
+    compile_config = CompileConfig(fullgraph=True, backend="aot_eager", mode=None)
+    compile_config._compile_all_devices = True  # transformers compiles only on accelerators
+    torch._dynamo.reset()
+    counters.clear()
+    for names in (["a", None, "b", "c"], ["c", "b", None, "b"]):
+        eager = _gen(pedro, ids, adapter_names=names)
+        compiled = _gen(pedro, ids, adapter_names=names, cache_implementation="static",
+                        compile_config=compile_config)
+        assert torch.equal(compiled, eager), names
+    assert counters["stats"]["unique_graphs"] == 1, "one decode graph serves both calls"
+    with torch.no_grad():
+        base = _gen(pedro, ids, adapter_names=[None] * 4)
+    assert not torch.equal(eager, base)
+
+
+# ----------------------------------------------------------------------- CUDA graphs (GPU only)
+@requires_cuda
+def test_cuda_decode_step_of_pedro_layers_has_no_sync_and_replays_from_a_graph():
+    pedro = _pedro()
+    pedro.to("cuda")
+    ids = prompts(batch=4, length=6).cuda()
+    layer = pedro.get_base_model().model.layers[1]
+    with torch.no_grad():
+        call = pedro._make_call(4, ["a", None, "b", "c"], torch.ones_like(ids), None, None,
+                                reuse=True)
+        with entered(call):
+            pedro.get_base_model()(ids)  # prefill: the call's vectors are computed and sliced
+            x = torch.randn(4, 1, 48, device="cuda")
+            torch.cuda.synchronize()
+            torch.cuda.set_sync_debug_mode("error")
+            try:
+                layer.self_attn.q_proj(x), layer.mlp(x)
+            finally:
+                torch.cuda.set_sync_debug_mode(0)
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                layer.self_attn.q_proj(x), layer.mlp(x)
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                q, h = layer.self_attn.q_proj(x), layer.mlp(x)
+            x2 = torch.randn(4, 1, 48, device="cuda")
+            want_q, want_h = layer.self_attn.q_proj(x2), layer.mlp(x2)
+            x.copy_(x2)
+            graph.replay()
+    torch.testing.assert_close(q, want_q)
+    torch.testing.assert_close(h, want_h)
+
+
+@requires_cuda
+def test_cuda_static_cache_generate_with_cuda_graphs_follows_each_call():
+    from transformers import CompileConfig
+
+    pedro = _pedro()
+    pedro.to("cuda")
+    ids = prompts(batch=4, length=5).cuda()
+    # transformers compiles the decode step on CUDA: inductor, mode reduce-overhead (CUDA graphs)
+    config = CompileConfig(fullgraph=True)
+    answers = []
+    for names in (["a", None, "b", "c"], ["c", "b", None, "b"], ["a", None, "b", "c"]):
+        eager = _gen(pedro, ids, adapter_names=names)
+        assert torch.equal(_gen(pedro, ids, adapter_names=names, cache_implementation="static",
+                                compile_config=config), eager), names
+        answers.append(eager)
+    assert not torch.equal(answers[0], answers[1])

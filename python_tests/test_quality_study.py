@@ -63,6 +63,8 @@ def test_phases_resume_extend_and_pair(tmp_path):
     assert pedro_lrs in ([3e-4, 1e-3, 1e-2], [1e-3, 1e-2, 3e-2])
     static_best = study.best_config("toy", "pedro-static", study.store.load())["lr"]
     assert {r["config"]["static_lr"] for r in first if r["method"] == "pedro"} == {static_best}
+    for r in first:  # the generator diagnostic comes with every PEDRO run
+        assert ("vector_spread_best" in r) == (r["method"] == "pedro"), r["run_id"]
     study.run_phase("sweep", ["toy"], list(SWEEPS), seeds=2, variant_seeds=2)
     assert len(lines(tmp_path)) == len(first)  # finished runs are skipped, not recomputed
 

@@ -257,6 +257,15 @@ class Study:
             train_loss=[round(h["train_loss"], 5) for h in history],
             train_s=train_s, s_per_step=summary["wall_s"] / max(1, summary["steps"]),
             eval_s=time.time() - t_eval, loadavg=[load_start, _loadavg()], **metrics)
+        spread = [h for h in history if h.get("vector_spread")]
+        if spread:  # PEDRO: is the generator using the prompt? (per-layer spread vs b_up)
+            record["vector_spread_curve"] = [
+                [h["step"], h["vector_spread"]["mean_spread_rms"], h["vector_spread"]["mean_static_rms"]]
+                for h in spread]
+            at_best = [h["vector_spread"] for h in spread if h["step"] == summary["best_step"]]
+            if at_best:
+                record["vector_spread_best"] = {k: at_best[0][k] for k in (
+                    "layers", "spread_rms", "static_rms", "mean_spread_rms", "mean_static_rms")}
         if not math.isfinite(record["test_loss"]):
             raise RuntimeError(f"{task}/{method}/{config} seed {seed}: test loss is "
                                f"{record['test_loss']}")

@@ -92,10 +92,15 @@ def build_report(study, runs: Dict[str, dict], machine: dict) -> dict:
                         # variant minus the PEDRO recipe it modifies: positive = the variant is better
                         v[key + "_vs_pedro"] = paired(seeds, finals["pedro"], key, sign)
                 v["best_dev_loss"] = _mean_std([seeds[s]["best_dev_loss"] for s in sorted(seeds)])
+        t["vector_spread"] = _spread_summary(finals.get("pedro", {}), t["variants"], runs, task)
         trained = [r for r in runs.values() if r["task"] == task and "best_step" in r]
         t["best_step_check"] = {
             "runs": len(trained),
             "best_is_last": sum(r["best_is_last"] for r in trained),
+            # how much the dev loss still fell over the last evaluation interval (0 when the
+            # best step came earlier): small = the run had levelled off
+            "last_interval_gain": {m: statistics.median(_last_gain(r) for r in trained if r["method"] == m)
+                                   for m in sorted({r["method"] for r in trained})},
             "by_method": {m: sorted({f"{r['best_step']}/{r['steps']}" for r in trained
                                      if r["method"] == m}) for m in sorted({r["method"] for r in trained})}}
         t["compute"] = {
@@ -103,6 +108,35 @@ def build_report(study, runs: Dict[str, dict], machine: dict) -> dict:
             "train_s": sum(r["train_s"] for r in trained),
             "median_s_per_step": statistics.median(r["s_per_step"] for r in trained) if trained else None}
         out["tasks"][task] = t
+    return out
+
+
+def _last_gain(r: dict) -> float:
+    curve = [loss for _, loss in r["dev_curve"] if loss is not None]
+    return max(0.0, curve[-2] - curve[-1]) if len(curve) >= 2 else float("nan")
+
+
+def _spread_summary(pedro_seeds: Dict[int, dict], variants: dict, runs: Dict[str, dict],
+                    task: str) -> dict:
+    """Per configuration (PEDRO's best, each variant): the vectors' spread across a dev batch's
+    prompts and the RMS of their static part b_up, per layer and averaged over layers, at the
+    best step, averaged over seeds."""
+    groups = {"pedro": [r for r in pedro_seeds.values() if "vector_spread_best" in r]}
+    for name, v in variants.items():
+        groups[name] = [r for r in runs.values() if r["task"] == task and r.get("variant") == name
+                        and "vector_spread_best" in r]
+    out = {}
+    for name, rs in groups.items():
+        if not rs:
+            continue
+        diags = [r["vector_spread_best"] for r in rs]
+        layers = diags[0]["layers"]
+        per_layer = {k: [statistics.mean(d[k][i] for d in diags) for i in range(len(layers))]
+                     for k in ("spread_rms", "static_rms")}
+        spread = statistics.mean(d["mean_spread_rms"] for d in diags)
+        static = statistics.mean(d["mean_static_rms"] for d in diags)
+        out[name] = {"seeds": len(rs), "layers": layers, **per_layer, "mean_spread_rms": spread,
+                     "mean_static_rms": static, "ratio": spread / static if static else None}
     return out
 
 
@@ -155,6 +189,17 @@ def markdown(rep: dict) -> str:
                              f"{_fmt(v.get('best_dev_loss'))} | "
                              f"{_fmt_paired(v.get('test_accuracy_vs_pedro'))} | "
                              f"{_fmt_paired(v.get('test_loss_vs_pedro'))} |")
+        if t.get("vector_spread"):
+            lines += ["", "Is the prompt-dependent part used? RMS of the vectors' spread across one dev "
+                      "batch's prompts against the RMS of their static part b_up, mean over layers, "
+                      "at the best step:", "",
+                      "| configuration | seeds | spread across prompts | static part | spread / static | layer 0 spread / static |",
+                      "|---|---|---|---|---|---|"]
+            for name, d in t["vector_spread"].items():
+                l0 = (f"{d['spread_rms'][0]:.2e} / {d['static_rms'][0]:.2e}")
+                ratio = f"{d['ratio']:.3f}" if d["ratio"] is not None else "-"
+                lines.append(f"| {name} | {d['seeds']} | {d['mean_spread_rms']:.2e} | "
+                             f"{d['mean_static_rms']:.2e} | {ratio} | {l0} |")
         lines += ["", "Sweep (seed 0; selection by best dev loss):", "",
                   "| method | config | best dev loss | best step / steps | test accuracy | test loss |",
                   "|---|---|---|---|---|---|"]
@@ -165,7 +210,9 @@ def markdown(rep: dict) -> str:
                 lines.append(f"| {m} | {_cfg(r['config'])}{mark} | {r['best_dev_loss']:.4f} | "
                              f"{r['best_step']}/{r['steps']} | {acc} | {r['test_loss']:.4f} |")
         c, b = t["compute"], t["best_step_check"]
-        lines += ["", f"Best step = last step in {b['best_is_last']} of {b['runs']} training runs. "
+        gains = ", ".join(f"{m} {g:.4f}" for m, g in b["last_interval_gain"].items())
+        lines += ["", f"Best step = last step in {b['best_is_last']} of {b['runs']} training runs; "
+                  f"median dev-loss decrease over the last evaluation interval: {gains}. "
                   f"Compute: {c['runs']} runs, {c['train_s'] / 3600:.2f} h of training, median "
                   f"{c['median_s_per_step']:.2f} s per step.", ""]
     m = rep["machine"]
@@ -217,6 +264,34 @@ def plot(rep: dict, path: str) -> None:
     plt.close(fig)
 
 
+def plot_spread(rep: dict, path: str) -> None:
+    """Per layer: the vectors' spread across prompts and their static part (log scale), for
+    PEDRO's best configuration and the variant without the pooled-input norm."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    tasks = [(task, t["vector_spread"]) for task, t in rep["tasks"].items() if t.get("vector_spread")]
+    if not tasks:
+        return
+    fig, axes = plt.subplots(1, len(tasks), figsize=(5.5 * len(tasks), 3.8), squeeze=False)
+    for ax, (task, spread) in zip(axes[0], tasks):
+        for name, color in (("pedro", "C0"), ("no-pool-norm", "C3")):
+            d = spread.get(name)
+            if not d:
+                continue
+            ax.semilogy(d["layers"], d["spread_rms"], "-o", ms=3, color=color,
+                        label=f"{name}: spread across prompts")
+            ax.semilogy(d["layers"], d["static_rms"], "--", color=color,
+                        label=f"{name}: static part b_up")
+        ax.set_xlabel("decoder layer")
+        ax.set_ylabel("RMS")
+        ax.set_title(f"{task}: PEDRO vectors at the best step", fontsize=10)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def write(study, runs: Dict[str, dict], machine: dict, out: str, **extra) -> dict:
     rep = build_report(study, runs, machine)
     rep["settings"].update(extra)
@@ -227,4 +302,5 @@ def write(study, runs: Dict[str, dict], machine: dict, out: str, **extra) -> dic
             f.write(text + "\n")
         os.replace(tmp, os.path.join(out, name))
     plot(rep, os.path.join(out, "quality.png"))
+    plot_spread(rep, os.path.join(out, "quality_spread.png"))
     return rep

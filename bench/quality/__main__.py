@@ -132,8 +132,7 @@ def main(argv=None):
     matched = check_matched_lora(sweeps, load_model)
     phases = ["sweep", "final", "variants"] if args.phase == "all" else \
         ([] if args.phase == "report" else [args.phase])
-    for phase in phases:
-        study.run_phase(phase, task_names, methods, args.seeds, args.variant_seeds)
+    study.run_phases(phases, task_names, methods, args.seeds, args.variant_seeds)
     machine = dict(cpu=_cpu_name(), cpu_count=os.cpu_count(), threads=torch.get_num_threads(),
                    torch=torch.__version__, python=platform.python_version())
     rep = report.write(study, study.store.load(), machine, out, parameter_match=matched)

@@ -137,20 +137,27 @@ class Study:
     # ------------------------------------------------------------------ phases
     def run_phase(self, phase: str, tasks: List[str], methods: List[str], seeds: int,
                   variant_seeds: int, wait_s: float = 60.0) -> None:
-        """Run every missing run of `phase`. A job (task, method) that waits on runs held by
-        another worker, or on a sweep it depends on, is retried after the others; when every
-        remaining job waits and no other worker holds a claim, that is an error."""
-        if phase not in ("sweep", "final", "variants"):
-            raise ValueError(f"unknown phase {phase!r}")
-        if phase == "variants":
-            methods = ["pedro"]
-        # a sweep that inherits settings comes after the sweeps it inherits from
-        jobs = [(t, m) for t in tasks for m in sorted(methods, key=lambda m: bool(self.sweeps[m].inherit))]
-        if phase == "sweep":
-            jobs = [(t, "base") for t in tasks] + jobs
+        self.run_phases([phase], tasks, methods, seeds, variant_seeds, wait_s)
+
+    def run_phases(self, phases: List[str], tasks: List[str], methods: List[str], seeds: int,
+                   variant_seeds: int, wait_s: float = 60.0) -> None:
+        """Run every missing run of `phases`. A job (phase, task, method) that waits on runs
+        held by another worker, or on a sweep it depends on, is retried after the others, so a
+        worker moves on to whatever it can run; when every remaining job waits and no other
+        worker holds a claim, that is an error."""
+        jobs = []
+        for phase in phases:
+            if phase not in ("sweep", "final", "variants"):
+                raise ValueError(f"unknown phase {phase!r}")
+            ms = ["pedro"] if phase == "variants" else \
+                sorted(methods, key=lambda m: bool(self.sweeps[m].inherit))  # inheritors last
+            if phase == "variants" and "pedro" not in methods:
+                continue
+            jobs += [(phase, t, "base") for t in tasks] if phase == "sweep" else []
+            jobs += [(phase, t, m) for t in tasks for m in ms]
         unattended = 0  # consecutive passes where everything waited and no worker held a claim
         while jobs:
-            states = {job: self._advance(phase, *job, seeds, variant_seeds) for job in jobs}
+            states = {job: self._advance(*job, seeds, variant_seeds) for job in jobs}
             jobs = [job for job, state in states.items() if state != "done"]
             if not jobs or any(states[job] == "progress" for job in jobs):
                 unattended = 0
@@ -162,8 +169,8 @@ class Study:
                 continue
             unattended += 1
             if unattended >= 2:
-                raise RuntimeError(f"{phase}: {jobs} wait on sweeps nobody is running (run the "
-                                   "sweep phase for them first)")
+                raise RuntimeError(f"{jobs} wait on sweeps nobody is running (run the sweep "
+                                   "phase for them first)")
 
     def _wanted(self, phase, task, method, seeds, variant_seeds) -> Optional[List[tuple]]:
         """(config, seed, variant) runs the job needs now; None while it waits on a sweep."""

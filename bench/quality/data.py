@@ -4,7 +4,7 @@ import glob
 import importlib.util
 import os
 import random
-from typing import Dict, List, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import yaml
 
@@ -13,6 +13,8 @@ BBC_LABELS = {"business": "business", "entertainment": "entertainment", "politic
               "sports": "sport", "tech": "tech"}
 BBC_INSTRUCTION = ("Classify the news article into one topic: business, entertainment, politics, "
                    "sport or tech.\n")
+
+Pairs = List[Tuple[str, str]]
 
 
 def _package_dir(name: str) -> str:
@@ -39,7 +41,7 @@ def bbc_prompt(text: str, max_words: int) -> str:
 
 
 def bbc_splits(n_train: int, n_dev_per_class: int, n_test_per_class: int, max_words: int,
-               seed: int = 0) -> Dict[str, List[Tuple[str, str]]]:
+               seed: int = 0) -> Dict[str, Pairs]:
     """Stratified: test and dev fixed by `seed`; train = n_train // 5 per class from the rest."""
     rng = random.Random(seed)
     splits = {"train": [], "dev": [], "test": []}
@@ -51,6 +53,9 @@ def bbc_splits(n_train: int, n_dev_per_class: int, n_test_per_class: int, max_wo
         test = order[:n_test_per_class]
         dev = order[n_test_per_class:n_test_per_class + n_dev_per_class]
         train = order[n_test_per_class + n_dev_per_class:][:per_class]
+        if len(train) < per_class:
+            raise ValueError(f"BBC class {label!r} has {len(texts)} articles, too few for "
+                             f"{n_test_per_class} test + {n_dev_per_class} dev + {per_class} train")
         for name, idx in (("train", train), ("dev", dev), ("test", test)):
             splits[name] += [(bbc_prompt(texts[i], max_words), " " + label) for i in idx]
     for name in splits:
@@ -58,20 +63,31 @@ def bbc_splits(n_train: int, n_dev_per_class: int, n_test_per_class: int, max_wo
     return splits
 
 
-def chat_pairs() -> List[Tuple[str, str]]:
+def chat_pairs() -> Pairs:
+    """Every English (question, first answer) pair, each question once (the corpus repeats some
+    questions across files; keeping one stops a test question from reappearing in training)."""
     root = os.path.join(_package_dir("chatterbot_corpus"), "data", "english")
-    pairs = []
+    pairs, seen = [], set()
     for path in sorted(glob.glob(os.path.join(root, "*.yml"))):
         with open(path, encoding="utf-8") as f:
             data = yaml.safe_load(f) or {}
         for conv in data.get("conversations") or []:
             if isinstance(conv, list) and len(conv) >= 2 and all(isinstance(x, str) for x in conv[:2]):
-                pairs.append((f"Question: {conv[0].strip()}\nAnswer:", " " + conv[1].strip()))
+                question = conv[0].strip()
+                if question.lower() in seen:
+                    continue
+                seen.add(question.lower())
+                pairs.append((f"Question: {question}\nAnswer:", " " + conv[1].strip()))
     return pairs
 
 
-def chat_splits(n_train: int, n_dev: int, n_test: int, seed: int = 0):
-    pairs = chat_pairs()
+def chat_splits(n_train: int, n_dev: int, n_test: int, seed: int = 0,
+                keep: Optional[Callable[[str, str], bool]] = None) -> Dict[str, Pairs]:
+    """Shuffled by `seed`; `keep(prompt, response)` drops pairs first (e.g. too many tokens)."""
+    pairs = [p for p in chat_pairs() if keep is None or keep(*p)]
+    if n_train + n_dev + n_test > len(pairs):
+        raise ValueError(f"chat has {len(pairs)} usable pairs, fewer than {n_train} train + "
+                         f"{n_dev} dev + {n_test} test")
     random.Random(seed).shuffle(pairs)
     return {"test": pairs[:n_test], "dev": pairs[n_test:n_test + n_dev],
             "train": pairs[n_test + n_dev:n_test + n_dev + n_train]}

@@ -1,0 +1,92 @@
+"""The compared methods: how each wraps a fresh base model and which training loop it uses.
+
+A method's configuration is one flat dict of overrides: keys that are PedroConfig fields go to
+the adapter (PEDRO methods), "r" is the rank of the LoRA methods, keys that are TrainConfig
+fields go to the training loop.
+"""
+import dataclasses
+from typing import Callable, Dict, Tuple
+
+import torch
+
+from pedro_ext import PedroConfig, get_pedro_model
+from pedro_ext.train import TrainConfig, train, train_baseline
+
+METHODS = ("pedro", "pedro-static", "lora-qv", "lora-qvu", "ia3")
+LORA_TARGETS = {"lora-qv": ["q_proj", "v_proj"], "lora-qvu": ["q_proj", "v_proj", "up_proj"]}
+PEDRO_FIELDS = {f.name for f in dataclasses.fields(PedroConfig)}
+TRAIN_FIELDS = {f.name for f in dataclasses.fields(TrainConfig)}
+# set by the study for every run, never by a method's configuration
+STUDY_TRAIN_FIELDS = {"steps", "batch_size", "eval_every", "max_length", "seed", "output_dir",
+                      "progress"}
+
+
+def adapter_fields(method: str) -> set:
+    if method.startswith("pedro"):
+        return PEDRO_FIELDS
+    return {"r"} if method in LORA_TARGETS else set()
+
+
+def split_config(method: str, config: Dict) -> Tuple[Dict, Dict]:
+    """(adapter overrides, TrainConfig overrides) of a flat configuration."""
+    ambiguous = PEDRO_FIELDS & TRAIN_FIELDS
+    adapter, training = {}, {}
+    for key, value in config.items():
+        if key in ambiguous:
+            raise ValueError(f"config key {key!r} is both a PedroConfig and a TrainConfig field")
+        if key in STUDY_TRAIN_FIELDS:
+            raise ValueError(f"config key {key!r} is set by the study's task, not by a method")
+        if key in adapter_fields(method):
+            adapter[key] = value
+        elif key in TRAIN_FIELDS:
+            training[key] = value
+        else:
+            raise ValueError(f"{method}: unknown config key {key!r} (PEDRO methods take "
+                             "PedroConfig fields, LoRA 'r', every method TrainConfig fields)")
+    if method in LORA_TARGETS and "r" not in adapter:
+        raise ValueError(f"{method}: the config must give the LoRA rank 'r'")
+    return adapter, training
+
+
+def trainable_params(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def lora_params_per_rank(model: torch.nn.Module, targets) -> int:
+    """Trainable parameters of a rank-1 LoRA on `targets` (in + out features per module)."""
+    return sum(m.in_features + m.out_features for name, m in model.named_modules()
+               if isinstance(m, torch.nn.Linear) and name.rsplit(".", 1)[-1] in targets)
+
+
+def build(method: str, model: torch.nn.Module, adapter: Dict
+          ) -> Tuple[torch.nn.Module, Callable, Dict]:
+    """(trainable model, fit function, the adapter's full hyperparameters); `adapter`: the
+    adapter part of split_config.
+
+    fit(model, tokenizer, train_pairs, dev_pairs, TrainConfig) -> summary (pedro_ext.train)."""
+    import peft
+    if method in ("pedro", "pedro-static"):
+        cfg = PedroConfig(**adapter)
+        net = get_pedro_model(model, cfg)
+        hyper = {k: v for k, v in cfg.to_dict().items() if k in PEDRO_FIELDS}
+        if method == "pedro":
+            return net, train, hyper
+        # The control: only the static vectors b_up are trained. w_up stays 0, so every
+        # prompt gets the same vector 1 + b_up: IA3 on q, v and up.
+        for name, p in net.named_parameters():
+            p.requires_grad_(name.endswith(".b_up"))
+        return net, train_baseline, {**hyper, "trained": "b_up only"}
+    if method in LORA_TARGETS:
+        lora_rank = adapter["r"]
+        cfg = peft.LoraConfig(r=lora_rank, lora_alpha=2 * lora_rank, lora_dropout=0.0,
+                              target_modules=LORA_TARGETS[method], task_type="CAUSAL_LM")
+        hyper = dict(r=lora_rank, lora_alpha=2 * lora_rank, lora_dropout=0.0,
+                     target_modules=LORA_TARGETS[method])
+        return peft.get_peft_model(model, cfg), train_baseline, hyper
+    if method == "ia3":
+        net = peft.get_peft_model(model, peft.IA3Config(task_type="CAUSAL_LM"))
+        cfg = net.peft_config["default"]
+        hyper = dict(target_modules=sorted(cfg.target_modules),
+                     feedforward_modules=sorted(cfg.feedforward_modules))
+        return net, train_baseline, hyper
+    raise ValueError(f"unknown method {method!r}; known: {METHODS}")

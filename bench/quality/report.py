@@ -1,0 +1,306 @@
+"""quality.json / quality.md / quality.png from runs.jsonl (everything recomputed from the runs,
+nothing trained here).
+
+Paired differences: for PEDRO against a baseline, the per-seed differences d_s = PEDRO_s - B_s
+over the seeds both have (same seed = same data order and the same test items), reported as
+mean and standard error sd(d) / sqrt(n). Signs are PEDRO minus baseline for accuracy (higher is
+better) and baseline minus PEDRO for response loss (lower is better): positive always means
+PEDRO is ahead.
+"""
+import json
+import os
+import statistics
+from typing import Dict, List, Optional
+
+from .store import run_id
+
+METRICS = (("test_accuracy", +1), ("test_loss", -1))  # (key, sign that makes "ahead" positive)
+
+
+def _mean_std(vals: List[float]) -> dict:
+    return {"mean": statistics.mean(vals), "std": statistics.stdev(vals) if len(vals) > 1 else None,
+            "n": len(vals), "all": vals}
+
+
+def paired(a: Dict[int, dict], b: Dict[int, dict], key: str, sign: int) -> Optional[dict]:
+    """sign * (a - b) per common seed: mean, standard error, n, and the seeds used."""
+    seeds = sorted(s for s in a if s in b and key in a[s] and key in b[s])
+    if not seeds:
+        return None
+    d = [sign * (a[s][key] - b[s][key]) for s in seeds]
+    se = statistics.stdev(d) / len(d) ** 0.5 if len(d) > 1 else None
+    return {"mean": statistics.mean(d), "se": se, "n": len(d), "seeds": seeds, "diffs": d,
+            "ahead_by_2se": (se is not None and statistics.mean(d) > 2 * se)}
+
+
+def build_report(study, runs: Dict[str, dict], machine: dict) -> dict:
+    tasks = [t for t in study.tasks if any(r["task"] == t for r in runs.values())]
+    out = {"machine": machine, "settings": study.settings(), "tasks": {}}
+    for task in tasks:
+        t = {"zero_shot": runs.get(run_id(task, "base", {}, 0)), "sweep": {}, "final": {},
+             "paired_vs_pedro": {}, "variants": {}}
+        finals: Dict[str, Dict[int, dict]] = {}
+        for method in study.sweeps:
+            configs, complete = study.sweep_configs(task, method, runs)
+            rows = []
+            for c in configs:
+                r = runs.get(run_id(task, method, c, 0))
+                if r is not None:
+                    rows.append({k: r.get(k) for k in (
+                        "config", "best_dev_loss", "best_step", "steps", "test_loss",
+                        "test_accuracy", "trainable_params", "s_per_step")})
+            if not rows:
+                continue
+            best = study.best_config(task, method, runs)
+            t["sweep"][method] = {"complete": complete, "best_config": best, "runs": rows}
+            if best is None:
+                continue
+            seeds = {r["seed"]: r for r in runs.values()
+                     if r["task"] == task and r["method"] == method and r["config"] == best}
+            finals[method] = seeds
+            f = {"config": best, "seeds": sorted(seeds),
+                 "trainable_params": next(iter(seeds.values()))["trainable_params"],
+                 "adapter": next(iter(seeds.values())).get("adapter"),
+                 "best_step": [seeds[s]["best_step"] for s in sorted(seeds)],
+                 "steps": [seeds[s]["steps"] for s in sorted(seeds)]}
+            for key, _ in METRICS:
+                vals = [seeds[s][key] for s in sorted(seeds) if key in seeds[s]]
+                if vals:
+                    f[key] = _mean_std(vals)
+            t["final"][method] = f
+        if "pedro" in finals:
+            for method, seeds in finals.items():
+                if method == "pedro":
+                    continue
+                t["paired_vs_pedro"][method] = {
+                    key: paired(finals["pedro"], seeds, key, sign) for key, sign in METRICS
+                    if paired(finals["pedro"], seeds, key, sign) is not None}
+            for r in runs.values():
+                if r["task"] != task or r.get("variant") is None:
+                    continue
+                v = t["variants"].setdefault(r["variant"], {"config": r["config"], "seeds": {}})
+                v["seeds"][r["seed"]] = r
+            for name, v in t["variants"].items():
+                seeds = v.pop("seeds")
+                v["seeds"] = sorted(seeds)
+                v["trainable_params"] = next(iter(seeds.values()))["trainable_params"]
+                v["best_step"] = [seeds[s]["best_step"] for s in sorted(seeds)]
+                for key, sign in METRICS:
+                    vals = [seeds[s][key] for s in sorted(seeds) if key in seeds[s]]
+                    if vals:
+                        v[key] = _mean_std(vals)
+                        # variant minus the PEDRO recipe it modifies: positive = the variant is better
+                        v[key + "_vs_pedro"] = paired(seeds, finals["pedro"], key, sign)
+                v["best_dev_loss"] = _mean_std([seeds[s]["best_dev_loss"] for s in sorted(seeds)])
+        t["vector_spread"] = _spread_summary(finals.get("pedro", {}), t["variants"], runs, task)
+        trained = [r for r in runs.values() if r["task"] == task and "best_step" in r]
+        t["best_step_check"] = {
+            "runs": len(trained),
+            "best_is_last": sum(r["best_is_last"] for r in trained),
+            # how much the dev loss still fell over the last evaluation interval (0 when the
+            # best step came earlier): small = the run had levelled off
+            "last_interval_gain": {m: statistics.median(_last_gain(r) for r in trained if r["method"] == m)
+                                   for m in sorted({r["method"] for r in trained})},
+            "by_method": {m: sorted({f"{r['best_step']}/{r['steps']}" for r in trained
+                                     if r["method"] == m}) for m in sorted({r["method"] for r in trained})}}
+        t["compute"] = {
+            "runs": len(trained),
+            "train_s": sum(r["train_s"] for r in trained),
+            "median_s_per_step": statistics.median(r["s_per_step"] for r in trained) if trained else None}
+        out["tasks"][task] = t
+    return out
+
+
+def _last_gain(r: dict) -> float:
+    curve = [loss for _, loss in r["dev_curve"] if loss is not None]
+    return max(0.0, curve[-2] - curve[-1]) if len(curve) >= 2 else float("nan")
+
+
+def _spread_summary(pedro_seeds: Dict[int, dict], variants: dict, runs: Dict[str, dict],
+                    task: str) -> dict:
+    """Per configuration (PEDRO's best, each variant): the vectors' spread across a dev batch's
+    prompts and the RMS of their static part b_up, per layer and averaged over layers, at the
+    best step, averaged over seeds."""
+    groups = {"pedro": [r for r in pedro_seeds.values() if "vector_spread_best" in r]}
+    for name, v in variants.items():
+        groups[name] = [r for r in runs.values() if r["task"] == task and r.get("variant") == name
+                        and "vector_spread_best" in r]
+    out = {}
+    for name, rs in groups.items():
+        if not rs:
+            continue
+        diags = [r["vector_spread_best"] for r in rs]
+        layers = diags[0]["layers"]
+        per_layer = {k: [statistics.mean(d[k][i] for d in diags) for i in range(len(layers))]
+                     for k in ("spread_rms", "static_rms")}
+        spread = statistics.mean(d["mean_spread_rms"] for d in diags)
+        static = statistics.mean(d["mean_static_rms"] for d in diags)
+        out[name] = {"seeds": len(rs), "layers": layers, **per_layer, "mean_spread_rms": spread,
+                     "mean_static_rms": static, "ratio": spread / static if static else None}
+    return out
+
+
+def _fmt(ms: Optional[dict], digits=3) -> str:
+    if not ms:
+        return "-"
+    std = f" ± {ms['std']:.{digits}f}" if ms.get("std") is not None else ""
+    return f"{ms['mean']:.{digits}f}{std}"
+
+
+def _fmt_paired(p: Optional[dict]) -> str:
+    if not p:
+        return "-"
+    se = f" ± {p['se']:.3f}" if p["se"] is not None else ""
+    flag = " **" if p["ahead_by_2se"] else ""
+    return f"{p['mean']:+.3f}{se} (n={p['n']}){flag}"
+
+
+def markdown(rep: dict) -> str:
+    lines = []
+    for task, t in rep["tasks"].items():
+        lines += [f"## {task}", ""]
+        z = t.get("zero_shot")
+        if z:
+            acc = f", accuracy {z['test_accuracy']:.3f}" if "test_accuracy" in z else ""
+            lines += [f"Untrained base model: response loss {z['test_loss']:.3f}{acc}.", ""]
+        lines += ["Final (each method's best learning rate on the dev split; mean ± std over seeds):", "",
+                  "| method | config | trainable params | test accuracy | test response loss | seeds | best step / steps |",
+                  "|---|---|---|---|---|---|---|"]
+        for m, f in t["final"].items():
+            bs = ", ".join(f"{b}/{s}" for b, s in zip(f["best_step"], f["steps"]))
+            lines.append(f"| {m} | {_cfg(f['config'])} | {f['trainable_params']:,d} | "
+                         f"{_fmt(f.get('test_accuracy'))} | {_fmt(f.get('test_loss'))} | "
+                         f"{len(f['seeds'])} | {bs} |")
+        if t["paired_vs_pedro"]:
+            lines += ["", "Paired difference, PEDRO ahead of each method (same seeds; mean ± standard "
+                      "error; accuracy: PEDRO − other, loss: other − PEDRO; ** = ahead by more than 2 SE):", "",
+                      "| other method | accuracy | response loss |", "|---|---|---|"]
+            for m, p in t["paired_vs_pedro"].items():
+                lines.append(f"| {m} | {_fmt_paired(p.get('test_accuracy'))} | "
+                             f"{_fmt_paired(p.get('test_loss'))} |")
+        if t["variants"]:
+            lines += ["", "PEDRO variants (one change to PEDRO's best configuration; paired against it, "
+                      "positive = the variant is better):", "",
+                      "| variant | overrides | params | test accuracy | test response loss | best dev loss | vs PEDRO: accuracy | vs PEDRO: loss |",
+                      "|---|---|---|---|---|---|---|---|"]
+            for name, v in t["variants"].items():
+                lines.append(f"| {name} | {_cfg(v['config'])} | {v['trainable_params']:,d} | "
+                             f"{_fmt(v.get('test_accuracy'))} | {_fmt(v.get('test_loss'))} | "
+                             f"{_fmt(v.get('best_dev_loss'))} | "
+                             f"{_fmt_paired(v.get('test_accuracy_vs_pedro'))} | "
+                             f"{_fmt_paired(v.get('test_loss_vs_pedro'))} |")
+        if t.get("vector_spread"):
+            lines += ["", "Is the prompt-dependent part used? RMS of the vectors' spread across one dev "
+                      "batch's prompts against the RMS of their static part b_up, mean over layers, "
+                      "at the best step:", "",
+                      "| configuration | seeds | spread across prompts | static part | spread / static | layer 0 spread / static |",
+                      "|---|---|---|---|---|---|"]
+            for name, d in t["vector_spread"].items():
+                l0 = (f"{d['spread_rms'][0]:.2e} / {d['static_rms'][0]:.2e}")
+                ratio = f"{d['ratio']:.3f}" if d["ratio"] is not None else "-"
+                lines.append(f"| {name} | {d['seeds']} | {d['mean_spread_rms']:.2e} | "
+                             f"{d['mean_static_rms']:.2e} | {ratio} | {l0} |")
+        lines += ["", "Sweep (seed 0; selection by best dev loss):", "",
+                  "| method | config | best dev loss | best step / steps | test accuracy | test loss |",
+                  "|---|---|---|---|---|---|"]
+        for m, s in t["sweep"].items():
+            for r in s["runs"]:
+                mark = " (best)" if r["config"] == s["best_config"] else ""
+                acc = f"{r['test_accuracy']:.3f}" if r.get("test_accuracy") is not None else "-"
+                lines.append(f"| {m} | {_cfg(r['config'])}{mark} | {r['best_dev_loss']:.4f} | "
+                             f"{r['best_step']}/{r['steps']} | {acc} | {r['test_loss']:.4f} |")
+        c, b = t["compute"], t["best_step_check"]
+        gains = ", ".join(f"{m} {g:.4f}" for m, g in b["last_interval_gain"].items())
+        lines += ["", f"Best step = last step in {b['best_is_last']} of {b['runs']} training runs; "
+                  f"median dev-loss decrease over the last evaluation interval: {gains}. "
+                  f"Compute: {c['runs']} runs, {c['train_s'] / 3600:.2f} h of training, median "
+                  f"{c['median_s_per_step']:.2f} s per step.", ""]
+    m = rep["machine"]
+    lines += [f"Machine: {m.get('cpu')}, {m.get('cpu_count')} cores shared with other jobs, "
+              f"{m.get('threads')} torch thread(s) per process, torch {m.get('torch')}; "
+              f"model: {rep['settings']['model']}.", ""]
+    return "\n".join(lines)
+
+
+def _cfg(c: dict) -> str:
+    return ", ".join(f"{k}={v}" for k, v in sorted(c.items())) or "-"
+
+
+def plot(rep: dict, path: str) -> None:
+    """Paired differences (positive = PEDRO ahead; variants: positive = better than PEDRO),
+    error bars ± 2 standard errors."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    panels = []
+    for task, t in rep["tasks"].items():
+        for key, label in (("test_accuracy", "accuracy"), ("test_loss", "response loss")):
+            rows = [(f"PEDRO vs {m}", p[key]) for m, p in t["paired_vs_pedro"].items() if key in p]
+            rows += [(f"variant {n} vs PEDRO", v[key + "_vs_pedro"]) for n, v in t["variants"].items()
+                     if v.get(key + "_vs_pedro")]
+            if rows:
+                panels.append((task, label, rows))
+    if not panels:
+        return
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 0.45 * max(len(p[2]) for p in panels) + 1.6),
+                             squeeze=False)
+    for ax, (task, label, rows) in zip(axes[0], panels):
+        ys = range(len(rows))
+        means = [p["mean"] for _, p in rows]
+        errs = [2 * p["se"] if p["se"] is not None else 0 for _, p in rows]
+        colors = ["C0" if n.startswith("PEDRO") else "C1" for n, _ in rows]
+        ax.barh(list(ys), means, xerr=errs, color=colors, capsize=3)
+        for y, (_, p) in zip(ys, rows):
+            ax.scatter(p["diffs"], [y] * len(p["diffs"]), color="k", s=8, zorder=3)
+        ax.axvline(0, color="k", lw=0.8)
+        ax.set_yticks(list(ys), [n for n, _ in rows], fontsize=8)
+        ax.invert_yaxis()
+        ax.set_title(f"{task}: {label}", fontsize=10)
+        ax.set_xlabel("paired difference (positive = first named is better)", fontsize=8)
+    fig.suptitle("SmolLM2-135M-Instruct, CPU; bars: mean paired difference over seeds ± 2 SE, "
+                 "dots: each seed", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_spread(rep: dict, path: str) -> None:
+    """Per layer: the vectors' spread across prompts and their static part (log scale), for
+    PEDRO's best configuration and the variant without the pooled-input norm."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    tasks = [(task, t["vector_spread"]) for task, t in rep["tasks"].items() if t.get("vector_spread")]
+    if not tasks:
+        return
+    fig, axes = plt.subplots(1, len(tasks), figsize=(5.5 * len(tasks), 3.8), squeeze=False)
+    for ax, (task, spread) in zip(axes[0], tasks):
+        for name, color in (("pedro", "C0"), ("no-pool-norm", "C3")):
+            d = spread.get(name)
+            if not d:
+                continue
+            ax.semilogy(d["layers"], d["spread_rms"], "-o", ms=3, color=color,
+                        label=f"{name}: spread across prompts")
+            ax.semilogy(d["layers"], d["static_rms"], "--", color=color,
+                        label=f"{name}: static part b_up")
+        ax.set_xlabel("decoder layer")
+        ax.set_ylabel("RMS")
+        ax.set_title(f"{task}: PEDRO vectors at the best step", fontsize=10)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write(study, runs: Dict[str, dict], machine: dict, out: str, **extra) -> dict:
+    rep = build_report(study, runs, machine)
+    rep["settings"].update(extra)
+    rep["runs"] = sorted(runs.values(), key=lambda r: r["run_id"])
+    for name, text in (("quality.json", json.dumps(rep, indent=1)), ("quality.md", markdown(rep))):
+        tmp = os.path.join(out, f"{name}.{os.getpid()}.tmp")  # (workers may write at once)
+        with open(tmp, "w") as f:
+            f.write(text + "\n")
+        os.replace(tmp, os.path.join(out, name))
+    plot(rep, os.path.join(out, "quality.png"))
+    plot_spread(rep, os.path.join(out, "quality_spread.png"))
+    return rep

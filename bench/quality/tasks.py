@@ -1,0 +1,112 @@
+"""The study's tasks: data splits, training budget, and the test metrics of one trained model."""
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Tuple
+
+import torch
+
+from pedro_ext import PedroModel
+from pedro_ext.train import IGNORE, collate, encode
+
+from . import data
+
+Pairs = List[Tuple[str, str]]
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    """What one task trains on and how long: every method gets the same budget.
+
+    labels: for classification, the responses whose first token is scored at the end of the
+        prompt (accuracy); None for generation tasks (response loss only)."""
+    name: str
+    steps: int
+    eval_every: int
+    batch_size: int
+    max_length: int
+    splits: Dict[str, int]  # sizes: train, dev, test (for BBC dev/test are totals, 5 classes)
+    labels: Optional[Tuple[str, ...]] = None
+    max_words: Optional[int] = None  # BBC: article words kept in a prompt
+    data_seed: int = 0
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+BBC_RESPONSES = tuple(" " + w for w in data.BBC_LABELS.values())
+
+TASKS = {
+    # 256 training articles (32 words, ~69 tokens with the instruction): 48 steps of 8 = 1.5 epochs.
+    "bbc": TaskSpec("bbc", steps=48, eval_every=12, batch_size=8, max_length=128,
+                    splits=dict(train=256, dev=50, test=250), labels=BBC_RESPONSES, max_words=32),
+    # 256 Q/A pairs of at most 64 tokens (~30 on average): 64 steps of 8 = 2 epochs.
+    "chat": TaskSpec("chat", steps=64, eval_every=16, batch_size=8, max_length=64,
+                     splits=dict(train=256, dev=50, test=200)),
+}
+
+
+def quick(spec: TaskSpec) -> TaskSpec:
+    """A smoke-test version of a task: 2 steps, a handful of items."""
+    small = dict(train=10, dev=5, test=10) if spec.labels else dict(train=16, dev=4, test=8)
+    return dataclasses.replace(spec, steps=2, eval_every=1, splits=small)
+
+
+def load_splits(spec: TaskSpec, tokenizer) -> Dict[str, Pairs]:
+    s = spec.splits
+    if spec.name == "bbc":
+        k = len(data.BBC_LABELS)
+        if s["dev"] % k or s["test"] % k:
+            raise ValueError(f"bbc dev/test sizes must be multiples of {k} (stratified), got {s}")
+        return data.bbc_splits(s["train"], s["dev"] // k, s["test"] // k, spec.max_words,
+                               seed=spec.data_seed)
+    if spec.name == "chat":
+        def fits(prompt, response):
+            return len(encode(tokenizer, prompt, response, 10 ** 6)["input_ids"]) <= spec.max_length
+        return data.chat_splits(s["train"], s["dev"], s["test"], seed=spec.data_seed, keep=fits)
+    raise ValueError(f"unknown task {spec.name!r}; known: {sorted(TASKS)}")
+
+
+def label_token_ids(tokenizer, labels) -> List[int]:
+    ids = [tokenizer(w, add_special_tokens=False).input_ids[0] for w in labels]
+    if len(set(ids)) != len(ids):
+        raise ValueError(f"the labels {labels} must differ in their first token")
+    return ids
+
+
+@torch.no_grad()
+def score_test_split(model, tokenizer, pairs: Pairs, spec: TaskSpec, batch_size: int = 8) -> dict:
+    """Response loss (mean cross-entropy over every response token, EOS included) and, for
+    classification, accuracy: the label whose first token scores highest at the prompt's end.
+    One forward per batch gives both (causal attention: the prompt-end logits do not see the
+    response; a PEDRO adapter pools the prompt only); logits only at the positions scored."""
+    label_ids = label_token_ids(tokenizer, spec.labels) if spec.labels else None
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    examples = [encode(tokenizer, p, r, spec.max_length) for p, r in pairs]
+    is_pedro = isinstance(model, PedroModel)
+    model.eval()
+    loss_sum, tokens, correct = 0.0, 0, 0
+    for i in range(0, len(examples), batch_size):
+        chunk = examples[i:i + batch_size]
+        b = collate(chunk, pad)
+        target = b["labels"][:, 1:]
+        scored = target != IGNORE  # position t predicts token t + 1
+        keep = torch.nonzero(scored.any(0)).flatten()
+        extra = {"prompt_lengths": b["prompt_lengths"]} if is_pedro else {}
+        logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"],
+                       logits_to_keep=keep, **extra).logits.float()  # [B, len(keep), V]
+        tgt = target[:, keep]
+        loss_sum += torch.nn.functional.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]), tgt.reshape(-1), ignore_index=IGNORE,
+            reduction="sum").item()
+        tokens += int((tgt != IGNORE).sum())
+        if label_ids is not None:
+            first = torch.searchsorted(keep, b["prompt_lengths"] - 1)  # the prompt's last token
+            scores = logits[torch.arange(len(chunk)), first][:, label_ids]
+            gold = torch.tensor([label_ids.index(e["input_ids"][e["prompt_lengths"]]) for e in chunk])
+            correct += int((scores.argmax(-1) == gold).sum())
+    out = {"test_loss": loss_sum / max(tokens, 1)}
+    out["test_ppl"] = math.exp(out["test_loss"])
+    if label_ids is not None:
+        out["test_accuracy"] = correct / len(examples)
+    return out

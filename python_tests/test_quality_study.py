@@ -1,0 +1,178 @@
+"""The quality study's driver (bench/quality) on a tiny random Llama: resumable phases, grid
+extension, paired differences, the single-forward test metrics, and the bf16-matmul base."""
+import dataclasses
+import json
+import os
+import random
+
+import pytest
+import torch
+
+from pedro_ext import PedroConfig, get_pedro_model
+from pedro_ext.train import encode, evaluate
+
+from bench.quality import report
+from bench.quality.precision import Bf16MatmulLinear, bf16_base_matmuls
+from bench.quality.store import run_id
+from bench.quality.study import Study, Sweep
+from bench.quality.tasks import TaskSpec, score_test_split
+from tiny_models import CharTokenizer, tiny_model
+
+LABELS = ("a", "b", "c", "d", "e")
+
+
+def toy_splits(spec, tok):
+    rng = random.Random(spec.data_seed)
+    words = ["apple", "berry", "cherry", "dates", "elder"]
+
+    def pairs(n):
+        return [(f"{w} {rng.randint(10, 99)} is", w[0]) for w in (rng.choice(words) for _ in range(n))]
+    return {k: pairs(n) for k, n in spec.splits.items()}
+
+
+def toy_task(steps=2):
+    return TaskSpec("toy", steps=steps, eval_every=1, batch_size=4, max_length=32,
+                    splits=dict(train=8, dev=4, test=6), labels=LABELS)
+
+
+SWEEPS = {
+    "pedro": Sweep("lr", (1e-3, 1e-2), {"r": 2}, {"static_lr": ("pedro-static", "lr")}),
+    "pedro-static": Sweep("lr", (1e-2,)),
+    "lora-qv": Sweep("lr", (1e-3,), {"r": 2}),
+}
+
+
+def make_study(out, steps=2):
+    return Study(str(out), {"toy": toy_task(steps)}, SWEEPS, {"last": {"pooling": "last"}},
+                 lambda: (tiny_model(), CharTokenizer()), "tiny llama", splits_loader=toy_splits,
+                 max_extend=1, log=lambda s: None)
+
+
+def lines(out):
+    with open(os.path.join(out, "runs.jsonl")) as f:
+        return [json.loads(x) for x in f]
+
+
+def test_phases_resume_extend_and_pair(tmp_path):
+    study = make_study(tmp_path)
+    study.run_phase("sweep", ["toy"], list(SWEEPS), seeds=2, variant_seeds=2)
+    first = lines(tmp_path)
+    # base + every sweep extended by one rung (the best of a grid of 1 or 2 is on an edge)
+    assert len(first) == 1 + 3 + 2 * 2
+    pedro_lrs = sorted(r["config"]["lr"] for r in first if r["method"] == "pedro")
+    assert pedro_lrs in ([3e-4, 1e-3, 1e-2], [1e-3, 1e-2, 3e-2])
+    static_best = study.best_config("toy", "pedro-static", study.store.load())["lr"]
+    assert {r["config"]["static_lr"] for r in first if r["method"] == "pedro"} == {static_best}
+    for r in first:  # the generator diagnostic comes with every PEDRO run
+        assert ("vector_spread_best" in r) == (r["method"] == "pedro"), r["run_id"]
+    study.run_phase("sweep", ["toy"], list(SWEEPS), seeds=2, variant_seeds=2)
+    assert len(lines(tmp_path)) == len(first)  # finished runs are skipped, not recomputed
+
+    study.run_phase("final", ["toy"], list(SWEEPS), seeds=2, variant_seeds=2)
+    study.run_phase("variants", ["toy"], list(SWEEPS), seeds=2, variant_seeds=2)
+    runs = study.store.load()
+    assert len(runs) == len(first) + 3 + 2
+    best = study.best_config("toy", "pedro", runs)
+    sweep_runs = [r for r in runs.values() if r["method"] == "pedro" and r["seed"] == 0
+                  and r.get("variant") is None]
+    assert best == min(sweep_runs, key=lambda r: r["best_dev_loss"])["config"]
+
+    rep = report.write(study, runs, {"cpu": "test"}, str(tmp_path))
+    t = rep["tasks"]["toy"]
+    p = t["paired_vs_pedro"]["lora-qv"]["test_loss"]
+    lora = study.best_config("toy", "lora-qv", runs)
+    want = [runs[run_id("toy", "lora-qv", lora, s)]["test_loss"] - runs[run_id("toy", "pedro", best, s)]["test_loss"]
+            for s in (0, 1)]
+    assert p["n"] == 2 and p["diffs"] == pytest.approx(want)
+    assert p["se"] == pytest.approx(abs(want[0] - want[1]) / 2)
+    assert t["variants"]["last"]["config"] == {**best, "pooling": "last"}
+    assert t["variants"]["last"]["test_accuracy_vs_pedro"]["n"] == 2
+    assert {"quality.json", "quality.md", "quality.png"} <= set(os.listdir(tmp_path))
+
+    with pytest.raises(ValueError, match="other settings"):
+        make_study(tmp_path, steps=3).store.load()
+
+
+def test_test_metrics_match_independent_evaluation():
+    model, tok = tiny_model(), CharTokenizer()
+    pedro = get_pedro_model(model, PedroConfig(r=2))
+    with torch.no_grad():
+        for bank in pedro.banks.values():
+            bank.adapters["default"].w_up.normal_(0, 0.3)
+    spec = toy_task()
+    pairs = toy_splits(dataclasses.replace(spec, splits=dict(test=13)), tok)["test"]
+    got = score_test_split(pedro, tok, pairs, spec, batch_size=4)
+    examples = [encode(tok, p, r, spec.max_length) for p, r in pairs]
+    assert got["test_loss"] == pytest.approx(evaluate(pedro, examples, tok.pad_token_id), rel=1e-5)
+    correct = 0
+    label_ids = [tok(w).input_ids[0] for w in LABELS]
+    for p, r in pairs:  # one prompt at a time, nothing padded
+        ids = torch.tensor([tok(p).input_ids])
+        with torch.no_grad():
+            logits = pedro(input_ids=ids, attention_mask=torch.ones_like(ids)).logits[0, -1]
+        correct += LABELS[int(logits[label_ids].argmax())] == r
+    assert got["test_accuracy"] == correct / len(pairs)
+
+
+def test_bf16_matmuls_round_only_the_gemm():
+    model = tiny_model(tie_word_embeddings=True)
+    x = torch.randn(2, 5, 48)
+    ref = {n: m(x).detach() for n, m in model.named_modules()
+           if isinstance(m, torch.nn.Linear) and m.in_features == 48}
+    bf16_base_matmuls(model)
+    assert all(not p.requires_grad for p in model.parameters())
+    assert model.lm_head.weight is model.model.embed_tokens.weight  # tying kept
+    for name, want in ref.items():
+        m = model.get_submodule(name)
+        assert isinstance(m, Bf16MatmulLinear)
+        got = m(x)
+        assert got.dtype == torch.float32
+        torch.testing.assert_close(got, want, rtol=3e-2, atol=3e-2)
+        with torch.no_grad():
+            exact = m(x)
+        if name == "lm_head":  # fp32 whenever gradients are off (every evaluation)
+            torch.testing.assert_close(exact, want, rtol=1e-6, atol=1e-6)
+        else:
+            assert torch.equal(exact, got)
+    model.lm_head.weight.requires_grad_(True)
+    with pytest.raises(RuntimeError, match="frozen"):
+        model.lm_head(x)
+
+
+def test_claims_share_runs_between_workers(tmp_path):
+    import subprocess
+    import sys
+    from bench.quality.store import Claims
+    claims = Claims(str(tmp_path / "claims"))
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        path = claims._path("t/m/-/seed0")
+        os.makedirs(os.path.dirname(path))
+        with open(path, "w") as f:
+            f.write(str(other.pid))
+        assert claims.acquire("t/m/-/seed0") == other.pid  # a live worker holds it
+        assert claims.active()
+    finally:
+        other.kill()
+        other.wait()
+    assert claims.acquire("t/m/-/seed0") is None  # its worker is gone: taken over
+    assert claims.acquire("t/m/-/seed1") is None
+    claims.release("t/m/-/seed0")
+    claims.release("t/m/-/seed1")
+    assert not claims.active() and os.listdir(tmp_path / "claims") == []
+
+    study = make_study(tmp_path / "study")
+    rid = run_id("toy", "base", {}, 0)
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        path = study.claims._path(rid)
+        os.makedirs(os.path.dirname(path))
+        with open(path, "w") as f:
+            f.write(str(holder.pid))
+        assert study._ensure("toy", "base", {}, 0, "sweep") is False  # held elsewhere: skipped
+        assert study.store.load() == {}
+    finally:
+        holder.kill()
+        holder.wait()
+    assert study._ensure("toy", "base", {}, 0, "sweep") is True
+    assert list(study.store.load()) == [rid]

@@ -69,7 +69,7 @@ def read_pairs(path: str, prompt_template: str = LABEL_PROMPT_TEMPLATE,
     """(prompt, response) pairs from a JSON-lines file (one row object per line; blank lines
     are skipped); errors say `path:line`."""
     pairs = []
-    with open(path, encoding="utf-8") as f:
+    with open(path, encoding="utf-8-sig") as f:  # a BOM (Windows editors) is not data
         for n, line in enumerate(f, 1):
             if not line.strip():
                 continue

@@ -105,6 +105,11 @@ def _cached_tokens(cache) -> int:
     return int(cache[0][0].shape[-2]) if len(cache) else 0  # legacy tuple cache
 
 
+_NO_MERGE = ("PEDRO adapters cannot be merged into the base weights: their scaling vectors are "
+             "computed from each prompt, so no fixed weight change reproduces them. Use "
+             "unload() to get the base model back, or keep the PedroModel for inference.")
+
+
 def _read_weights(path: str):
     """(state dict, file) of an adapter folder: safetensors, else peft's .bin."""
     from safetensors import SafetensorError
@@ -310,7 +315,7 @@ class PedroModel(PreTrainedModel):
                 raise ValueError(f"adapter {name!r} was made for a model with {key}={want}, this "
                                  f"model has {key}={have}")
 
-    def add_adapter(self, adapter_name: str, config: PedroConfig) -> None:
+    def add_adapter(self, adapter_name: str, peft_config: PedroConfig) -> None:
         """Add a fresh adapter (the identity until trained). The first adapter of a model that
         has none active becomes the active one; otherwise, as in peft, call set_adapter."""
         if self._unloaded:
@@ -322,20 +327,20 @@ class PedroModel(PreTrainedModel):
                              f"'__base__'), got {adapter_name!r}")
         if adapter_name in self.peft_config:
             raise ValueError(f"adapter {adapter_name!r} already exists")
-        if not isinstance(config, PedroConfig):
-            raise TypeError(f"add_adapter needs a PedroConfig, got {type(config).__name__}")
-        self._check_compatible(adapter_name, config)
+        if not isinstance(peft_config, PedroConfig):
+            raise TypeError(f"add_adapter needs a PedroConfig, got {type(peft_config).__name__}")
+        self._check_compatible(adapter_name, peft_config)
         mc = getattr(self.get_base_model(), "config", None)
-        config.model_type = getattr(mc, "model_type", config.model_type)
-        config.hidden_size = getattr(mc, "hidden_size", config.hidden_size)
-        config.num_layers = getattr(mc, "num_hidden_layers", config.num_layers)
-        if config.base_model_name_or_path is None:
-            config.base_model_name_or_path = getattr(mc, "_name_or_path", None) or None
-        config.target_modules = list(self._targets)
+        peft_config.model_type = getattr(mc, "model_type", peft_config.model_type)
+        peft_config.hidden_size = getattr(mc, "hidden_size", peft_config.hidden_size)
+        peft_config.num_layers = getattr(mc, "num_hidden_layers", peft_config.num_layers)
+        if peft_config.base_model_name_or_path is None:
+            peft_config.base_model_name_or_path = getattr(mc, "_name_or_path", None) or None
+        peft_config.target_modules = list(self._targets)
         created = []
         try:
             for idx, bank in self.banks.items():
-                weights = PedroAdapterWeights(config, bank.d, bank.big_d).to(
+                weights = PedroAdapterWeights(peft_config, bank.d, bank.big_d).to(
                     self._sources[idx].weight.device)
                 for p in weights.parameters():
                     p.requires_grad_(False)
@@ -345,7 +350,7 @@ class PedroModel(PreTrainedModel):
             for bank in created:
                 del bank.adapters[adapter_name]
             raise
-        self.peft_config[adapter_name] = config
+        self.peft_config[adapter_name] = peft_config
         self._bank_changed()
         if not self.active_adapters:
             self.set_adapter(adapter_name)
@@ -636,7 +641,9 @@ class PedroModel(PreTrainedModel):
         else:
             base.gradient_checkpointing_enable(gradient_checkpointing_kwargs=ckpt, **kwargs)
 
-    activation_checkpointing_enable = gradient_checkpointing_enable
+    def activation_checkpointing_enable(self, activation_checkpointing_kwargs=None, **kwargs):
+        """transformers 5's name (Trainer calls it with gradient_checkpointing=True)."""
+        self.gradient_checkpointing_enable(activation_checkpointing_kwargs, **kwargs)
 
     # ------------------------------------------------------------------ parameters / status
     def get_nb_trainable_parameters(self):
@@ -731,6 +738,9 @@ class PedroModel(PreTrainedModel):
             if state[key].shape != want.shape:
                 raise ValueError(f"{file}: {key} has shape {tuple(state[key].shape)}, this "
                                  f"model needs {tuple(want.shape)}")
+            if state[key].is_floating_point() and not torch.isfinite(state[key]).all():
+                raise ValueError(f"{file}: {key} holds non-finite values (NaN or inf); the "
+                                 f"adapter would give NaN outputs for its requests")
         with torch.no_grad():
             for idx, bank in self.banks.items():
                 for key, p in bank.adapters[adapter_name].named_parameters():
@@ -798,10 +808,13 @@ class PedroModel(PreTrainedModel):
         return self.get_base_model()
 
     def merge_and_unload(self, *args, **kwargs):
-        raise NotImplementedError(
-            "PEDRO adapters cannot be merged into the base weights: their scaling vectors are "
-            "computed from each prompt, so no fixed weight change reproduces them. Use "
-            "unload() to get the base model back, or keep the PedroModel for inference.")
+        raise NotImplementedError(_NO_MERGE)
+
+    def merge_adapter(self, *args, **kwargs):
+        raise NotImplementedError(_NO_MERGE)
+
+    def unmerge_adapter(self, *args, **kwargs):
+        raise NotImplementedError(_NO_MERGE)
 
 
 def _enter_direct(pedro: PedroModel, args, kwargs) -> None:

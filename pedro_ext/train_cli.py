@@ -200,7 +200,7 @@ def main(argv=None):
         dev_pairs = read_pairs(args.dev, cfg.label_prompt_template,
                                cfg.label_response_template) if args.dev else []
     except (OSError, ValueError) as exc:
-        ap.error(str(exc))
+        ap.exit(2, f"{ap.prog}: error: {exc}\n")  # the file and line, without the usage text
     distributed = "RANK" in os.environ and "WORLD_SIZE" in os.environ
     device = _device(ap, args.device, distributed)
     owns_group = distributed and not dist.is_initialized()
@@ -211,9 +211,16 @@ def main(argv=None):
         else:
             dist.init_process_group("gloo")
     try:
-        model, tok, base_name = load_model(args.model, DTYPES[args.dtype])
+        try:
+            model, tok, base_name = load_model(args.model, DTYPES[args.dtype])
+        except OSError as exc:
+            ap.exit(2, f"{ap.prog}: error: argument --model: cannot load {args.model!r}: "
+                       f"{str(exc).splitlines()[0]}\n")
         pedro_cfg.base_model_name_or_path = base_name
-        pedro = get_pedro_model(model.to(device), pedro_cfg)
+        try:
+            pedro = get_pedro_model(model.to(device), pedro_cfg)
+        except ValueError as exc:
+            ap.exit(2, f"{ap.prog}: error: argument --target-modules: {exc}\n")
         summary = train(pedro, tok, train_pairs, dev_pairs, cfg)
         if dist.is_initialized() and dist.get_rank() != 0:
             return summary

@@ -27,6 +27,12 @@ def test_read_pairs_reads_both_row_kinds(tmp_path):
         ("Text: Stocks fell.\nTopic:", " <business>")
 
 
+def test_read_pairs_skips_a_byte_order_mark(tmp_path):
+    path = tmp_path / "bom.jsonl"
+    path.write_bytes('{"prompt": "a", "response": "b"}\n'.encode("utf-8-sig"))
+    assert read_pairs(str(path)) == [("a", "b")]
+
+
 @pytest.mark.parametrize("lines, line, message", [
     (['{"prompt": "a", "response": "b"}'] * 4 + ['{"prompt": "a", "response": "b",}'], 5,
      "not valid JSON"),

@@ -67,6 +67,26 @@ def test_a_failed_load_leaves_the_model_as_it_was_and_names_the_path(tmp_path):
     _assert_unchanged(model, before)
 
 
+def test_non_finite_adapter_weights_are_refused_and_leave_the_model_as_it_was(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    _, path = _saved_adapter(tmp_path)
+    weights = os.path.join(path, "adapter_model.safetensors")
+    state = load_file(weights)
+    key = sorted(k for k in state if k.endswith("w_up"))[-1]
+    state[key][0, 0] = float("nan")
+    save_file(state, weights)
+    model = tiny_model()
+    before = _snapshot(model)
+    with pytest.raises(ValueError, match=f"adapter_model.safetensors: {key} holds non-finite"):
+        PedroModel.from_pretrained(model, path)
+    _assert_unchanged(model, before)
+    pedro = get_pedro_model(model, PedroConfig(r=4))
+    with pytest.raises(ValueError, match="non-finite"):
+        pedro.load_adapter(path, "bad")
+    assert list(pedro.peft_config) == ["default"]
+
+
 def test_a_failed_wrap_leaves_the_model_as_it_was_and_a_later_one_works(tmp_path):
     pedro_saved, path = _saved_adapter(tmp_path)
     model = tiny_model()
@@ -151,7 +171,7 @@ def test_nesting_matches_peft():
 def test_peft_signatures(tmp_path):
     peft = pytest.importorskip("peft")
     pedro = get_pedro_model(tiny_model(), PedroConfig(r=4, task_type=peft.TaskType.CAUSAL_LM))
-    pedro.add_adapter("other", PedroConfig(r=2, task_type="CAUSAL_LM"))
+    pedro.add_adapter(adapter_name="other", peft_config=PedroConfig(r=2, task_type="CAUSAL_LM"))
     randomize_adapter(pedro, "default", seed=4)
     randomize_adapter(pedro, "other", seed=5)
     pedro.eval()

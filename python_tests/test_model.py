@@ -280,12 +280,42 @@ def test_transformers_trainer_trains(tmp_path):
     assert any(not torch.equal(a, b) for a, b in zip(before, after))
 
 
+def _trainer_trained_adapter(tmp_path, **args):
+    from torch.utils.data import Dataset
+
+    batch = _lm_batch(batch=8)
+
+    class Data(Dataset):
+        def __len__(self):
+            return 8
+
+        def __getitem__(self, i):
+            return {k: v[i] for k, v in batch.items()}
+
+    torch.manual_seed(0)
+    pedro = get_pedro_model(tiny_model(), PedroConfig(r=4))
+    randomize_adapter(pedro, "default", seed=3)  # w_up != 0: every generator weight gets gradient
+    targs = transformers.TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=4,
+                                           max_steps=2, learning_rate=1e-2, save_strategy="no",
+                                           report_to=[], use_cpu=True, seed=0, **args)
+    transformers.Trainer(model=pedro, args=targs, train_dataset=Data()).train()
+    return [p.detach().clone() for p in pedro.adapter_parameters()]
+
+
+def test_transformers_trainer_with_gradient_checkpointing_trains_the_same(tmp_path):
+    plain = _trainer_trained_adapter(tmp_path / "plain")
+    ckpt = _trainer_trained_adapter(tmp_path / "ckpt", gradient_checkpointing=True)
+    for a, b in zip(plain, ckpt):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
 def test_unload_and_merge():
     model = tiny_model()
     linear = model.model.layers[0].self_attn.q_proj
     pedro = get_pedro_model(model, PedroConfig())
-    with pytest.raises(NotImplementedError, match="cannot be merged"):
-        pedro.merge_and_unload()
+    for merge in (pedro.merge_and_unload, pedro.merge_adapter, pedro.unmerge_adapter):
+        with pytest.raises(NotImplementedError, match="cannot be merged"):
+            merge()
     base = pedro.unload()
     assert base.model.layers[0].self_attn.q_proj is linear
 

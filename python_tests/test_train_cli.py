@@ -74,6 +74,22 @@ def test_errors_come_before_the_model_loads(tmp_path, monkeypatch, capsys, extra
     assert message in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("extra, message", [
+    (["--model", "MISSING"], "argument --model: cannot load"),
+    (["--target-modules", "q_proj", "nope_proj"], "argument --target-modules: decoder layer 0 has no"),
+])
+def test_model_and_target_errors_are_argument_errors(tmp_path, monkeypatch, capsys, extra, message):
+    if "MISSING" not in extra:
+        monkeypatch.setattr(train_cli, "load_model", _tiny_loader)
+    extra = [str(tmp_path / "no-such-model") if a == "MISSING" else a for a in extra]
+    with pytest.raises(SystemExit) as exc:
+        train_cli.main(["--train", _jsonl(tmp_path / "t.jsonl", toy_pairs(4)), "--output-dir",
+                        str(tmp_path / "out"), "--rational-mode", "joint", "--no-progress"] + extra)
+    assert exc.value.code == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
 def test_cli_trains_in_bfloat16_without_dev_and_says_where_the_adapter_is(tmp_path, monkeypatch,
                                                                          capsys):
     monkeypatch.setattr(train_cli, "load_model", _tiny_loader)

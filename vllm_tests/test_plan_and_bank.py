@@ -85,6 +85,8 @@ def _dims():
 
 
 def test_bank_stacks_every_adapter_and_pads_without_changing_it(bank):
+    assert {c.pool_norm for c in AdapterBank(bank, _dims()).configs.values()} == \
+        {"none", "rms", "layer"}  # the engine tests compare every norm with HF
     loaded = AdapterBank(bank, _dims())
     assert loaded.names == list(ADAPTERS)
     torch.manual_seed(0)

@@ -12,12 +12,13 @@ from pedro_ext import PedroConfig, PedroModel, get_pedro_model
 
 VOCAB_SPECIALS = {"<pad>": 0, "<s>": 1, "</s>": 2}
 
-# name -> PedroConfig: every pooling mode, mixed r and rational degrees, one adapter that
-# leaves layer 0 alone (the bank pads and zero-fills; vLLM must match each alone in HF).
+# name -> PedroConfig: every pooling mode and pool_norm, mixed r and rational degrees, one adapter
+# that leaves layer 0 alone (the bank pads and zero-fills; vLLM must match each alone in HF).
 ADAPTERS = {
-    "mean8": dict(r=8, pooling="mean"),
+    "mean8": dict(r=8, pooling="mean", pool_norm="rms"),
     "last4": dict(r=4, pooling="last", rational_init="identity"),
-    "att6": dict(r=6, pooling="attention", rational_degrees=(6, 5)),
+    "att6": dict(r=6, pooling="attention", rational_degrees=(6, 5), pool_norm="layer",
+                 pool_norm_affine=True),
     "max3": dict(r=3, pooling="max", layers_to_transform=[1, 2]),
 }
 
@@ -60,6 +61,8 @@ def _randomize(pedro: PedroModel, seed: int) -> None:
                 p.copy_(torch.randn(p.shape, generator=g) * 0.4)
             elif name.endswith("att_query"):
                 p.copy_(torch.randn(p.shape, generator=g))
+            elif name.endswith(("norm_weight", "norm_bias")):
+                p.add_(torch.randn(p.shape, generator=g) * 0.3)
             elif name.endswith(("rat_num", "rat_den")):
                 p.add_(torch.randn(p.shape, generator=g) * 0.02)
 

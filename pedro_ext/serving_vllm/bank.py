@@ -9,14 +9,15 @@ from typing import Dict, List, Mapping, Optional, Union
 import torch
 import torch.nn.functional as F
 
-from ..config import CONFIG_NAME, POOLING_MODES, WEIGHTS_NAME, PedroConfig
+from ..config import CONFIG_NAME, POOL_NORMS, POOLING_MODES, WEIGHTS_NAME, PedroConfig
 
 # The layout the serving model applies: the generator's output is [l_q | l_v | l_u].
 SERVED_TARGETS = ["q_proj", "v_proj", "up_proj"]
 BASE_NAMES = (None, "__base__")
 POOLING_CODES = {mode: code for code, mode in enumerate(POOLING_MODES)}
+NORM_CODES = {mode: code for code, mode in enumerate(POOL_NORMS)}
 _NAME_RE = re.compile(r"^[A-Za-z0-9_\-]+$")
-_KEY_RE = re.compile(r"^layers\.(\d+)\.(w_down|b_down|rat_num|rat_den|w_up|b_up|att_query)$")
+_KEY_RE = re.compile(r"^layers\.(\d+)\.(w_down|b_down|rat_num|rat_den|w_up|b_up|att_query|norm_weight|norm_bias)$")
 
 
 @dataclass(frozen=True)
@@ -129,6 +130,10 @@ def _load_weights(name: str, path: str, config: PedroConfig, dims: ModelDims
               "w_up": (r, big_d), "b_up": (big_d,)}
     if config.pooling == "attention":
         shapes["att_query"] = (d,)
+    if config.pool_norm_affine and config.pool_norm != "none":
+        shapes["norm_weight"] = (d,)
+        if config.pool_norm == "layer":
+            shapes["norm_bias"] = (d,)
     for idx, tensors in layers.items():
         missing = sorted(set(shapes) - set(tensors))
         extra = sorted(set(tensors) - set(shapes))
@@ -159,6 +164,8 @@ class AdapterBank:
                         for name, path in self.paths.items()}
         self.pooling_codes = torch.tensor(
             [POOLING_CODES[self.configs[n].pooling] for n in self.names], dtype=torch.int64)
+        self.norm_codes = torch.tensor(
+            [NORM_CODES[self.configs[n].pool_norm] for n in self.names], dtype=torch.int64)
         self._weights = {name: _load_weights(name, self.paths[name], self.configs[name], dims)
                          for name in self.names}
 
@@ -176,7 +183,8 @@ class AdapterBank:
 
     def layer_tensors(self, layer: int, dtype: torch.dtype) -> Dict[str, torch.Tensor]:
         """The stacked bank of one decoder layer: w_down [N, d, r], b_down [N, r],
-        rat_num [N, m+1], rat_den [N, n], w_up [N, r, D], b_up [N, D], att_query [N, d]."""
+        rat_num [N, m+1], rat_den [N, n], w_up [N, r, D], b_up [N, D], att_query [N, d], and
+        the pooled input's affine norm_weight [N, d] (ones without one), norm_bias [N, d]."""
         if self._weights is None:
             raise RuntimeError("AdapterBank.layer_tensors after release_weights()")
         d, big_d = self.dims.hidden_size, self.dims.vector_size
@@ -184,7 +192,7 @@ class AdapterBank:
         num_len = max(c.rational_degrees[0] + 1 for c in self.configs.values())
         den_len = max(c.rational_degrees[1] for c in self.configs.values())
         rows = {k: [] for k in ("w_down", "b_down", "rat_num", "rat_den", "w_up", "b_up",
-                                "att_query")}
+                                "att_query", "norm_weight", "norm_bias")}
         for name in self.names:
             config = self.configs[name]
             t = self._weights[name].get(layer)
@@ -201,6 +209,10 @@ class AdapterBank:
             rows["w_up"].append(F.pad(t["w_up"].float(), (0, 0, 0, pad_r)))
             rows["b_up"].append(t["b_up"].float())
             rows["att_query"].append(t["att_query"].float() if "att_query" in t
+                                     else torch.zeros(d))
+            rows["norm_weight"].append(t["norm_weight"].float() if "norm_weight" in t
+                                       else torch.ones(d))
+            rows["norm_bias"].append(t["norm_bias"].float() if "norm_bias" in t
                                      else torch.zeros(d))
         return {k: torch.stack(v).to(dtype) for k, v in rows.items()}
 

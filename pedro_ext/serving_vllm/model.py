@@ -103,6 +103,7 @@ class PedroLayerVectors(nn.Module):
         for key, tensor in bank.layer_tensors(layer, dtype).items():
             self.register_buffer(key, tensor, persistent=False)
         self.register_buffer("pooling_codes", bank.pooling_codes.clone(), persistent=False)
+        self.register_buffer("norm_codes", bank.norm_codes.clone(), persistent=False)
         self.register_buffer("vec_qkv", torch.ones(num_slots + 1, dims.q_size + 2 * dims.kv_size,
                                                    dtype=dtype), persistent=False)
         self.register_buffer("vec_gu", torch.ones(num_slots + 1, 2 * dims.intermediate_size,
@@ -111,9 +112,9 @@ class PedroLayerVectors(nn.Module):
     def refresh(self, hidden_states: torch.Tensor) -> None:
         step = self.step
         refresh_vectors(hidden_states, step.plan, step.plan_count, self.pooling_codes,
-                        self.w_down, self.b_down, self.rat_num, self.rat_den, self.w_up,
-                        self.b_up, self.att_query, self.vec_qkv, self.vec_gu, self.q_size,
-                        self.kv_size)
+                        self.norm_codes, self.w_down, self.b_down, self.rat_num, self.rat_den,
+                        self.w_up, self.b_up, self.att_query, self.norm_weight, self.norm_bias,
+                        self.vec_qkv, self.vec_gu, self.q_size, self.kv_size)
 
     def _rows(self, x: torch.Tensor) -> torch.Tensor:
         return self.step.token_rows[:x.shape[0]]

@@ -104,7 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="learning rate of the generator group (w_down, b_down, w_up, "
                          "attention query, pooled-input norms)")
     tr.add_argument("--static-lr", type=float, default=t.static_lr,
-                    help="learning rate of the static group (b_up); default: --lr")
+                    help="learning rate of the static group (b_up)")
     tr.add_argument("--rational-lr", type=float, default=t.rational_lr,
                     help="learning rate of the rational coefficients")
     tr.add_argument("--rational-mode", choices=RATIONAL_MODES, default=t.rational_mode,

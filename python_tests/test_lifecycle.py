@@ -228,6 +228,24 @@ def test_peft_signatures(tmp_path):
     assert status.num_adapter_layers == 2 * 3
 
 
+def test_configs_saved_before_pool_norm_existed_load_without_a_norm(tmp_path):
+    """The default pool_norm is "rms"; an adapter_config.json without the key was trained
+    without a norm and must keep computing the same function."""
+    pedro = get_pedro_model(tiny_model(), PedroConfig(r=4, pool_norm="none"))
+    randomize_adapter(pedro, "default", seed=8)
+    pedro.save_pretrained(str(tmp_path))
+    file = tmp_path / "adapter_config.json"
+    cfg = json.load(open(file))
+    del cfg["pool_norm"]
+    json.dump(cfg, open(file, "w"))
+    assert PedroConfig().pool_norm == "rms"
+    assert PedroConfig.from_pretrained(str(tmp_path)).pool_norm == "none"
+    reloaded = PedroModel.from_pretrained(tiny_model(), str(tmp_path)).eval()
+    ids = prompts()
+    with torch.no_grad():
+        assert torch.equal(reloaded(ids).logits, pedro.eval()(ids).logits)
+
+
 def test_config_rejects_what_pedro_does_not_support():
     with pytest.raises(ValueError, match="task_type must be None or 'CAUSAL_LM'"):
         PedroConfig(task_type="SEQ_CLS")

@@ -46,8 +46,8 @@ def test_bilevel_moves_coefficients_only_on_heldout_steps(monkeypatch):
     handle = register_optimizer_step_post_hook(after_step)
     try:
         train(pedro, tok, train_pairs, dev_pairs,
-              TrainConfig(steps=3, batch_size=4, lr=1e-2, rational_lr=1e-2, eval_every=100,
-                          max_length=64, progress=False))
+              TrainConfig(steps=3, batch_size=4, lr=1e-2, rational_lr=1e-2, bilevel_every=1,
+                          eval_every=100, max_length=64, progress=False))
     finally:
         handle.remove()
     kinds = [(e[0], e[1] if e[0] == "batch" else None) for e in events]
@@ -95,8 +95,8 @@ def test_training_lowers_dev_loss_and_saves_the_best(tmp_path):
 
 def test_early_stopping_stops():
     summary = train(_pedro(), CharTokenizer(), toy_pairs(8), toy_pairs(4, seed=9),
-                    TrainConfig(steps=50, batch_size=4, lr=0.0, rational_lr=0.0, eval_every=1,
-                                patience=2, progress=False))
+                    TrainConfig(steps=50, batch_size=4, lr=0.0, static_lr=0.0, rational_lr=0.0,
+                                eval_every=1, patience=2, progress=False))
     assert summary["steps"] == 3  # best at step 1, then two evaluations without improvement
 
 
@@ -119,8 +119,8 @@ def test_each_group_gets_its_learning_rate_and_moves_by_it(mode):
     before = {n: p.detach().clone() for n, p in params.items()}
     lrs = {"static": 3e-3, "generator": 1e-3, "rational": 2e-4}
     cfg = TrainConfig(steps=1, batch_size=4, lr=lrs["generator"], static_lr=lrs["static"],
-                      rational_lr=lrs["rational"], rational_mode=mode, warmup_ratio=0.0,
-                      max_length=64, progress=False)
+                      rational_lr=lrs["rational"], rational_mode=mode, bilevel_every=1,
+                      warmup_ratio=0.0, max_length=64, progress=False)
     groups = {g["name"]: g for g in parameter_groups(pedro, "default", cfg)}
     assert {k: g["lr"] for k, g in groups.items()} == lrs
     for kind, g in groups.items():

@@ -16,7 +16,7 @@ VOCAB_SPECIALS = {"<pad>": 0, "<s>": 1, "</s>": 2}
 # that leaves layer 0 alone (the bank pads and zero-fills; vLLM must match each alone in HF).
 ADAPTERS = {
     "mean8": dict(r=8, pooling="mean", pool_norm="rms"),
-    "last4": dict(r=4, pooling="last", rational_init="identity"),
+    "last4": dict(r=4, pooling="last", rational_init="identity", pool_norm="none"),
     "att6": dict(r=6, pooling="attention", rational_degrees=(6, 5), pool_norm="layer",
                  pool_norm_affine=True),
     "max3": dict(r=3, pooling="max", layers_to_transform=[1, 2]),

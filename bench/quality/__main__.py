@@ -26,6 +26,7 @@ import tempfile
 import torch
 
 from pedro_ext import PedroConfig, get_pedro_model
+from pedro_ext.bench.runner import cpu_name
 from pedro_ext.offline import load_smollm2
 
 from . import report
@@ -135,21 +136,10 @@ def main(argv=None):
     phases = ["sweep", "final", "variants"] if args.phase == "all" else \
         ([] if args.phase == "report" else [args.phase])
     study.run_phases(phases, task_names, methods, args.seeds, args.variant_seeds)
-    machine = dict(cpu=_cpu_name(), cpu_count=os.cpu_count(), threads=torch.get_num_threads(),
+    machine = dict(cpu=cpu_name(), cpu_count=os.cpu_count(), threads=torch.get_num_threads(),
                    torch=torch.__version__, python=platform.python_version())
     rep = report.write(study, study.store.load(), machine, out, parameter_match=matched)
     print(report.markdown(rep))
-
-
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 if __name__ == "__main__":

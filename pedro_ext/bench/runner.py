@@ -31,7 +31,7 @@ def machine_info(device: torch.device) -> dict:
         info["device_name"] = torch.cuda.get_device_name(device)
         info["cuda"] = torch.version.cuda
     else:
-        info["device_name"] = _cpu_name()
+        info["device_name"] = cpu_name()
     try:
         info["load_average_at_start"] = list(os.getloadavg())
     except OSError:
@@ -51,7 +51,8 @@ def _busy_cpu_warning(machine: dict) -> Optional[str]:
             "wait for, and timings inflate (up to 100x seen); use --threads 1 or an idle machine")
 
 
-def _cpu_name() -> str:
+def cpu_name() -> str:
+    """The CPU's model name (/proc/cpuinfo), else what platform knows."""
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:

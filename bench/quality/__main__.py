@@ -1,10 +1,12 @@
-"""python -m bench.quality --phase sweep|final|variants|report|all [--tasks bbc,chat] [--quick]
+"""python -m bench.quality --phase sweep|final|variants|report|all [--tasks bbc,chat,...] [--quick]
 
 PEDRO against its static control and LoRA / IA3 baselines on SmolLM2-135M-Instruct (real
 weights, CPU), every method with a tuned learning rate:
   bbc:  BBC News topic classification (5 classes), 256 training articles; test accuracy (the
         label whose first token scores highest after the prompt) and response loss.
   chat: chatterbot English Q/A pairs (<= 64 tokens), 256 training pairs; test response loss.
+  bbc-long, chat-long: the same at twice the steps (converged training), e.g. for
+        --methods pedro,pedro-static,lora-qvu --phase sweep, then --phase final.
 Methods: pedro; pedro-static (only b_up trained: IA3 on q, v, up, the control for the
 prompt-dependent part); lora-qv and lora-qvu at PEDRO's parameter count; ia3 (peft defaults).
 Every run: AdamW, warm-up + linear decay, the task's steps and batch size, dev evaluation every

@@ -211,10 +211,11 @@ def markdown(rep: dict) -> str:
                              f"{r['best_step']}/{r['steps']} | {acc} | {r['test_loss']:.4f} |")
         c, b = t["compute"], t["best_step_check"]
         gains = ", ".join(f"{m} {g:.4f}" for m, g in b["last_interval_gain"].items())
-        lines += ["", f"Best step = last step in {b['best_is_last']} of {b['runs']} training runs; "
-                  f"median dev-loss decrease over the last evaluation interval: {gains}. "
-                  f"Compute: {c['runs']} runs, {c['train_s'] / 3600:.2f} h of training, median "
-                  f"{c['median_s_per_step']:.2f} s per step.", ""]
+        if c["median_s_per_step"] is not None:  # some training run has finished
+            lines += ["", f"Best step = last step in {b['best_is_last']} of {b['runs']} training "
+                      f"runs; median dev-loss decrease over the last evaluation interval: {gains}. "
+                      f"Compute: {c['runs']} runs, {c['train_s'] / 3600:.2f} h of training, median "
+                      f"{c['median_s_per_step']:.2f} s per step.", ""]
     m = rep["machine"]
     lines += [f"Machine: {m.get('cpu')}, {m.get('cpu_count')} cores shared with other jobs, "
               f"{m.get('threads')} torch thread(s) per process, torch {m.get('torch')}; "

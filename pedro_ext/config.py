@@ -3,7 +3,7 @@ import dataclasses
 import json
 import os
 from dataclasses import dataclass, field
-from typing import List, Optional, Tuple
+from typing import List, Mapping, Optional, Tuple
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -19,6 +19,24 @@ DEFAULT_TARGET_MODULES = {
     "qwen3": ["q_proj", "v_proj", "up_proj"],
 }
 
+
+
+def check_adapter_tensors(tensors: Mapping, shapes: Mapping[str, Tuple[int, ...]], where: str) -> None:
+    """A ValueError naming `where` and the tensor unless `tensors` holds exactly the keys of
+    `shapes`, each of its shape and finite (an adapter file read by the HF wrapper or vLLM)."""
+    missing = sorted(set(shapes) - set(tensors))
+    unexpected = sorted(set(tensors) - set(shapes))
+    if missing or unexpected:
+        raise ValueError(f"{where} does not fit this model: lacks {missing[:5]}, has unexpected "
+                         f"{unexpected[:5]}")
+    for key, shape in shapes.items():
+        t = tensors[key]
+        if tuple(t.shape) != tuple(shape):
+            raise ValueError(f"{where}: {key} has shape {tuple(t.shape)}, this model needs "
+                             f"{tuple(shape)}")
+        if t.is_floating_point() and not t.isfinite().all():
+            raise ValueError(f"{where}: {key} holds non-finite values (NaN or inf); the adapter "
+                             "would give NaN outputs for its requests")
 
 @dataclass
 class PedroConfig:

@@ -16,7 +16,8 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel
 
-from .config import CONFIG_NAME, DEFAULT_TARGET_MODULES, WEIGHTS_NAME, PedroConfig
+from .config import (CONFIG_NAME, DEFAULT_TARGET_MODULES, WEIGHTS_NAME, PedroConfig,
+                     check_adapter_tensors)
 from .layer import PedroAdapterWeights, PedroLayerBank, PedroLinear
 from .mlp import fuse, fused_activation, unfuse
 from .routing import (_CURRENT, PedroCall, RowSetting, StaticRouting, checkpoint_context_fn,
@@ -729,18 +730,7 @@ class PedroModel(PreTrainedModel):
 
     def _copy_weights(self, adapter_name: str, state: Dict[str, torch.Tensor], file: str) -> None:
         expected = self.adapter_state_dict(adapter_name)
-        missing = sorted(set(expected) - set(state))
-        unexpected = sorted(set(state) - set(expected))
-        if missing or unexpected:
-            raise ValueError(f"{file} does not fit this model: missing {missing[:5]}, "
-                             f"unexpected {unexpected[:5]}")
-        for key, want in expected.items():
-            if state[key].shape != want.shape:
-                raise ValueError(f"{file}: {key} has shape {tuple(state[key].shape)}, this "
-                                 f"model needs {tuple(want.shape)}")
-            if state[key].is_floating_point() and not torch.isfinite(state[key]).all():
-                raise ValueError(f"{file}: {key} holds non-finite values (NaN or inf); the "
-                                 f"adapter would give NaN outputs for its requests")
+        check_adapter_tensors(state, {k: v.shape for k, v in expected.items()}, file)
         with torch.no_grad():
             for idx, bank in self.banks.items():
                 for key, p in bank.adapters[adapter_name].named_parameters():

@@ -85,6 +85,13 @@ def test_non_finite_adapter_weights_are_refused_and_leave_the_model_as_it_was(tm
     with pytest.raises(ValueError, match="non-finite"):
         pedro.load_adapter(path, "bad")
     assert list(pedro.peft_config) == ["default"]
+    state[key] = torch.zeros_like(state[key])
+    state["layers.0.renamed"] = state.pop("layers.0.b_up")
+    save_file(state, weights)
+    with pytest.raises(ValueError, match=r"does not fit this model: lacks \['layers.0.b_up'\], "
+                                         r"has unexpected \['layers.0.renamed'\]"):
+        pedro.load_adapter(path, "bad")
+    assert list(pedro.peft_config) == ["default"]
 
 
 def test_a_failed_wrap_leaves_the_model_as_it_was_and_a_later_one_works(tmp_path):

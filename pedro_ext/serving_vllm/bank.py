@@ -9,7 +9,8 @@ from typing import Dict, List, Mapping, Optional, Union
 import torch
 import torch.nn.functional as F
 
-from ..config import CONFIG_NAME, POOL_NORMS, POOLING_MODES, WEIGHTS_NAME, PedroConfig
+from ..config import (CONFIG_NAME, POOL_NORMS, POOLING_MODES, WEIGHTS_NAME, PedroConfig,
+                      check_adapter_tensors)
 
 # The layout the serving model applies: the generator's output is [l_q | l_v | l_u].
 SERVED_TARGETS = ["q_proj", "v_proj", "up_proj"]
@@ -135,17 +136,7 @@ def _load_weights(name: str, path: str, config: PedroConfig, dims: ModelDims
         if config.pool_norm == "layer":
             shapes["norm_bias"] = (d,)
     for idx, tensors in layers.items():
-        missing = sorted(set(shapes) - set(tensors))
-        extra = sorted(set(tensors) - set(shapes))
-        if missing or extra:
-            raise ValueError(f"adapter {name!r}: layer {idx} of {file} lacks {missing} / has "
-                             f"unexpected {extra}")
-        for key, shape in shapes.items():
-            if tuple(tensors[key].shape) != shape:
-                raise ValueError(f"adapter {name!r}: {file} layers.{idx}.{key} has shape "
-                                 f"{tuple(tensors[key].shape)}, this model needs {shape}")
-            if not torch.isfinite(tensors[key]).all():
-                raise ValueError(f"adapter {name!r}: {file} layers.{idx}.{key} is not finite")
+        check_adapter_tensors(tensors, shapes, f"adapter {name!r}: layer {idx} of {file}")
     return layers
 
 

@@ -333,6 +333,20 @@ def test_generate_and_modulate_cuda_row_layouts_with_split_rows(dtype, layout):
         [x, pooled, ids, *bank_args(bank)], views, grads, dtype)
 
 
+def _fused_with_grads(args, gy, gv, kernel):
+    """[y, v, dx, dpooled, dbank...] of the fused prefill for args = [x, pooled, ids, seq_ids,
+    *bank] and output gradients (gy, gv): pedro_ext's kernels (unchecked ids) or the reference."""
+    x, pooled, ids, seq, *bank = args
+    leaves = [t.clone().requires_grad_() for t in (x, pooled, *bank)]
+    if kernel:
+        y, v = pedro_ext.generate_and_modulate(leaves[0], leaves[1], ids, *leaves[2:], seq_ids=seq,
+                                               check_ids=False)
+    else:
+        y, v = ref.generate_and_modulate(leaves[0], seq, leaves[1], ids, *leaves[2:])
+    torch.autograd.backward([y, v], [gy.to(y), gv.to(v)])
+    return [y, v] + [t.grad for t in leaves]
+
+
 def test_generate_and_modulate_cuda_invalid_seq_ids_with_split_rows():
     """Unchecked invalid seq ids (below 0 and at or above B) among packed rows whose requests are
     split over many blocks: NaN rows, no gradient, the rest as the reference."""
@@ -349,21 +363,10 @@ def test_generate_and_modulate_cuda_invalid_seq_ids_with_split_rows():
     ids = torch.tensor([1, 2], device=dev)
     x = torch.randn(s, big_d, device=dev)
     gy, gv = torch.randn(s, big_d, device=dev), torch.randn(b, big_d, device=dev)
-
-    def run(args, kernel):
-        xx, p, i, sq, *bk = args
-        leaves = [t.clone().requires_grad_() for t in (xx, p, *bk)]
-        if kernel:
-            y, v = pedro_ext.generate_and_modulate(leaves[0], leaves[1], i, *leaves[2:], seq_ids=sq,
-                                                   check_ids=False)
-        else:
-            y, v = ref.generate_and_modulate(leaves[0], sq, leaves[1], i, *leaves[2:])
-        torch.autograd.backward([y, v], [gy.to(y), gv.to(v)])
-        return [y, v] + [t.grad for t in leaves]
-
-    got = run([x, pooled, ids, seq, *bank_args(bank)], True)
-    exp = run([t.double().cpu() if t.is_floating_point() else t.cpu()
-               for t in [x, pooled, ids, seq, *bank_args(bank)]], False)
+    args = [x, pooled, ids, seq, *bank_args(bank)]
+    got = _fused_with_grads(args, gy, gv, kernel=True)
+    exp = _fused_with_grads([t.double().cpu() if t.is_floating_point() else t.cpu() for t in args],
+                            gy, gv, kernel=False)
     for i, (a, e) in enumerate(zip(got, exp)):
         _assert_same_nan(a, e, dtype, f"output/grad {i}")
     invalid = (seq < 0) | (seq >= b)
@@ -576,22 +579,11 @@ def test_cuda_invalid_ids_follow_the_rule():
     cpu = lambda ts: [t.cpu() for t in ts]  # noqa: E731
 
     gy, gv = torch.randn(8, 16), torch.randn(4, 16)
-
-    def run(device_args, kernel):
-        p, i, s, xx, gg, *bk = device_args
-        leaves = [t.clone().requires_grad_() for t in (xx, p, *bk)]
-        if kernel:
-            y, v = pedro_ext.generate_and_modulate(leaves[0], leaves[1], i, *leaves[2:], seq_ids=s,
-                                                   check_ids=False)
-        else:
-            y, v = ref.generate_and_modulate(leaves[0], s, leaves[1], i, *leaves[2:])
-        torch.autograd.backward([y, v], [gy.to(y), gv.to(v)])
-        return [y, v] + [t.grad for t in leaves]
-
-    got = run([pooled, ids, seq, x, gate, *bank_args(bank)], True)
-    on_cpu = run(cpu([pooled, ids, seq, x, gate, *bank_args(bank)]), True)
-    exp = run([t.double() if t.is_floating_point() else t
-               for t in cpu([pooled, ids, seq, x, gate, *bank_args(bank)])], False)
+    args = [x, pooled, ids, seq, *bank_args(bank)]
+    got = _fused_with_grads(args, gy, gv, kernel=True)
+    on_cpu = _fused_with_grads(cpu(args), gy, gv, kernel=True)
+    exp = _fused_with_grads([t.double() if t.is_floating_point() else t for t in cpu(args)],
+                            gy, gv, kernel=False)
     for i, (a, c, e) in enumerate(zip(got, on_cpu, exp)):
         _assert_same_nan(a, e, torch.float32, f"fused {i} vs reference")
         _assert_same_nan(a, c, torch.float32, f"fused {i} vs cpu")

@@ -120,9 +120,10 @@ class PedroLayerBank(nn.Module):
         self.order: List[str] = []  # bank index -> adapter name (set by PedroModel)
         self.computations = 0  # statistics for tests and profiling; no routing state
         self._cache = None  # (key, stacked dict) for inference
+        self._params = None  # the adapters' parameters, listed once per bank change
 
     def invalidate(self):
-        self._cache = None
+        self._cache = self._params = None
 
     def _stack(self, dtype, device):
         ws = [self.adapters[n] for n in self.order]
@@ -150,11 +151,17 @@ class PedroLayerBank(nn.Module):
         return bank
 
     def stacked(self, dtype, device):
-        # (grad mode first: serving under no_grad never walks a large bank's parameters)
+        # (grad mode first: serving under no_grad never walks the bank's modules)
         if torch.is_grad_enabled() and any(p.requires_grad for w in self.adapters.values()
                                            for p in w.parameters()):
             return self._stack(dtype, device)  # differentiable, rebuilt every call
-        key = (dtype, device)
+        params = self._params  # one read: another thread may invalidate meanwhile
+        if params is None:
+            params = self._params = [p for w in self.adapters.values() for p in w.parameters()]
+        # Keyed on the weights' version counters: an in-place edit (load_state_dict, a manual
+        # edit under no_grad) rebuilds the stack; a stale stack written by a racing thread
+        # carries its old key and is never used.
+        key = (dtype, device, sum(p._version for p in params))
         cache = self._cache  # one read: another thread may invalidate meanwhile
         if cache is None or cache[0] != key:
             with torch.no_grad():

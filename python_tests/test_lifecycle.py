@@ -300,6 +300,30 @@ def test_trainer_checkpoints_write_the_adapter(tmp_path):
                                                      pedro.adapter_parameters()))
 
 
+def test_weights_edited_in_place_in_eval_mode_are_used_at_the_next_call():
+    """The inference stack of the bank is cached; load_state_dict or an in-place edit under
+    no_grad must still reach the next forward, compared with a freshly loaded model."""
+    pedro = get_pedro_model(tiny_model(), PedroConfig(r=4))
+    randomize_adapter(pedro, "default", seed=2)
+    pedro.eval()
+    ids = prompts()
+    with torch.no_grad():
+        before = pedro(ids).logits
+        state = {k: v * 3 for k, v in pedro.state_dict().items() if "pedro_bank" in k}
+        pedro.load_state_dict(state, strict=False)
+        scaled = pedro(ids).logits
+        fresh = get_pedro_model(tiny_model(), PedroConfig(r=4)).eval()
+        fresh.load_state_dict(state, strict=False)
+        assert not torch.equal(scaled, before)
+        assert torch.equal(scaled, fresh(ids).logits)
+        for p in pedro.adapter_parameters():
+            p.zero_()
+        with pedro.disable_adapter():
+            base = pedro(ids).logits
+        # w_up = b_up = 0 (and every other weight 0): vectors of exactly 1, the base model
+        assert torch.equal(pedro(ids).logits, base)
+
+
 def test_copies_and_pickles_are_independent_models():
     import copy
     import pickle

@@ -142,13 +142,12 @@ Tensor generate_cpu(const Tensor& pooled_in, const Tensor& adapter_ids, const Te
           continue;
         }
         down_project(pp + b * s.d, wdp + a * s.d * s.r, bdp + a * s.r, s.d, s.r, z.data());
-        const auto num = to_acc(np + a * s.num_len, s.num_len);
-        const auto den = to_acc(dp + a * s.den_len, s.den_len);
+        const scalar_t* num = np + a * s.num_len;  // rational_value widens each coefficient
+        const scalar_t* den = dp + a * s.den_len;
         const scalar_t* bu = bup + a * s.D;
         for (int64_t j = 0; j < s.D; ++j) acc[j] = static_cast<acc_t>(bu[j]);
         for (int64_t k = 0; k < s.r; ++k) {
-          const acc_t h = rational_value<acc_t>(z[k], num.data(), (int)s.num_len, den.data(),
-                                                (int)s.den_len);
+          const acc_t h = rational_value<acc_t>(z[k], num, (int)s.num_len, den, (int)s.den_len);
           const scalar_t* wrow = wup + (a * s.r + k) * s.D;
           for (int64_t j = 0; j < s.D; ++j) acc[j] += h * static_cast<acc_t>(wrow[j]);
         }
@@ -202,16 +201,15 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> generate_back
           continue;
         }
         down_project(pp + b * s.d, wdp + a * s.d * s.r, bdp + a * s.r, s.d, s.r, z.data());
-        const auto num = to_acc(np + a * s.num_len, s.num_len);
-        const auto den = to_acc(dp + a * s.den_len, s.den_len);
+        const scalar_t* num = np + a * s.num_len;
+        const scalar_t* den = dp + a * s.den_len;
         const scalar_t* grow = gp + b * s.D;
         for (int64_t k = 0; k < s.r; ++k) {
           const scalar_t* wrow = wup + (a * s.r + k) * s.D;
           acc_t gh = 0;
           for (int64_t j = 0; j < s.D; ++j)
             gh += static_cast<acc_t>(wrow[j]) * static_cast<acc_t>(grow[j]);
-          const auto t = rational_terms<acc_t>(z[k], num.data(), (int)s.num_len, den.data(),
-                                               (int)s.den_len);
+          const auto t = rational_terms<acc_t>(z[k], num, (int)s.num_len, den, (int)s.den_len);
           h[b * s.r + k] = t.p / t.q;
           gz[b * s.r + k] = gh * rational_dz(t);
           acc_t* gcb = gc.data() + b * nc;

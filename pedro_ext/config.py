@@ -31,10 +31,13 @@ def check_adapter_tensors(tensors: Mapping, shapes: Mapping[str, Tuple[int, ...]
                          f"{unexpected[:5]}")
     for key, shape in shapes.items():
         t = tensors[key]
+        if not t.is_floating_point():
+            raise ValueError(f"{where}: {key} has dtype {t.dtype}, adapter weights are floating "
+                             "point")
         if tuple(t.shape) != tuple(shape):
             raise ValueError(f"{where}: {key} has shape {tuple(t.shape)}, this model needs "
                              f"{tuple(shape)}")
-        if t.is_floating_point() and not t.isfinite().all():
+        if not t.isfinite().all():
             raise ValueError(f"{where}: {key} holds non-finite values (NaN or inf); the adapter "
                              "would give NaN outputs for its requests")
 

@@ -506,6 +506,10 @@ class PedroModel(PreTrainedModel):
             if lengths.shape != (batch,):
                 raise ValueError(f"prompt_lengths must have one entry per row ({batch}), got "
                                  f"shape {tuple(lengths.shape)}")
+            if lengths.is_floating_point() or lengths.is_complex() or \
+                    (batch and int(lengths.min()) < 1):  # (one sync per training forward)
+                raise ValueError(f"prompt_lengths must be integers >= 1 (a prompt has a token "
+                                 f"to pool), got {lengths.tolist()}")
             prompt_mask = mask & (mask.long().cumsum(1) <= lengths.view(-1, 1))
         if prompt_mask is not None:
             check("prompt_mask", prompt_mask)

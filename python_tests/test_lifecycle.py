@@ -85,7 +85,11 @@ def test_non_finite_adapter_weights_are_refused_and_leave_the_model_as_it_was(tm
     with pytest.raises(ValueError, match="non-finite"):
         pedro.load_adapter(path, "bad")
     assert list(pedro.peft_config) == ["default"]
-    state[key] = torch.zeros_like(state[key])
+    state[key] = torch.zeros(state[key].shape, dtype=torch.int64)
+    save_file(state, weights)
+    with pytest.raises(ValueError, match=f"{key} has dtype torch.int64, adapter weights are"):
+        pedro.load_adapter(path, "bad")
+    state[key] = torch.zeros(state[key].shape)
     state["layers.0.renamed"] = state.pop("layers.0.b_up")
     save_file(state, weights)
     with pytest.raises(ValueError, match=r"does not fit this model: lacks \['layers.0.b_up'\], "
@@ -162,6 +166,9 @@ def test_ambiguous_calls_raise_clear_errors():
         pedro(prompts(), attention_mask=torch.ones(3, 6))
     with pytest.raises(ValueError, match="prompt_lengths must have one entry per row"):
         pedro(prompts(), attention_mask=torch.ones(2, 6), prompt_lengths=[1, 2, 3])
+    for bad in ([3, -1], [3, 0], [2.5, 3.0]):
+        with pytest.raises(ValueError, match=r"prompt_lengths must be integers >= 1"):
+            pedro(prompts(), attention_mask=torch.ones(2, 6), prompt_lengths=bad)
 
 
 # ----------------------------------------------------------------------- peft parity

@@ -137,16 +137,20 @@ Tensor last_dim_contiguous(const Tensor& t) {
   return t.size(-1) <= 1 || t.stride(-1) == 1 ? t : t.contiguous();
 }
 
+// seq_ids as int64 (an undefined tensor without them), range-checked against B when asked.
+Tensor checked_seq_ids(const char* op, const std::optional<Tensor>& seq_ids, int64_t B,
+                       bool check) {
+  if (!seq_ids.has_value()) return {};
+  if (check) check_index_ranges(op, {{"seq_ids", &*seq_ids, 0, B}});
+  return ids_long(*seq_ids);
+}
+
 // grad, vectors and seq_ids as modulate's x, vectors and seq_ids; invalid rows get `invalid`.
 Tensor modulate_out_of_place(const char* op, const char* x_name, const Tensor& x_in,
                              const Tensor& vectors_in, const std::optional<Tensor>& seq_ids,
                              bool check_ids, double invalid) {
   const ModulateSizes s = check_modulate_args(op, x_in, vectors_in, seq_ids, x_name);
-  Tensor seq;
-  if (seq_ids.has_value()) {
-    if (check_ids) check_index_ranges(op, {{"seq_ids", &*seq_ids, 0, s.B}});
-    seq = ids_long(*seq_ids);
-  }
+  const Tensor seq = checked_seq_ids(op, seq_ids, s.B, check_ids);
   const Tensor x = rows_view(x_in);
   const Tensor v = last_dim_contiguous(vectors_in);
   Tensor y = at::empty(x_in.sizes(), x_in.options());
@@ -215,11 +219,7 @@ void modulate_inplace_cpu(const Tensor& x, const Tensor& vectors_in,
     x.copy_(modulate_cpu(x, vectors, seq_ids, check_ids));
     return;
   }
-  Tensor seq;
-  if (seq_ids.has_value()) {
-    if (check_ids) check_index_ranges(op, {{"seq_ids", &*seq_ids, 0, s.B}});
-    seq = ids_long(*seq_ids);
-  }
+  const Tensor seq = checked_seq_ids(op, seq_ids, s.B, check_ids);
   if (s.S == 0 || s.D == 0) return;
   const Tensor v = last_dim_contiguous(vectors);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "modulate_cpu_", [&] {
@@ -260,11 +260,7 @@ Tensor act_mul_modulate_cpu(const Tensor& gate_in, const Tensor& up_in, const Te
   const char* op = "pedro_ext.act_mul_modulate";
   const ModulateSizes s = check_act_mul_args(op, gate_in, up_in, vectors, seq_ids);
   const Activation act = parse_activation(op, activation);
-  Tensor seq;
-  if (seq_ids.has_value()) {
-    if (check_ids) check_index_ranges(op, {{"seq_ids", &*seq_ids, 0, s.B}});
-    seq = ids_long(*seq_ids);
-  }
+  const Tensor seq = checked_seq_ids(op, seq_ids, s.B, check_ids);
   const Tensor up = rows_view(up_in);
   const Tensor v = last_dim_contiguous(vectors);
   Tensor y = at::empty(gate_in.sizes(), gate_in.options());
@@ -306,8 +302,7 @@ std::tuple<Tensor, Tensor, Tensor> act_mul_modulate_backward_cpu(
   const ModulateSizes s = check_act_mul_args(op, gate_in, up_in, vectors, seq_ids);
   check_same_shape(op, "grad", grad_in, gate_in, "gate");
   const Activation act = parse_activation(op, activation);
-  Tensor seq;
-  if (seq_ids.has_value()) seq = ids_long(*seq_ids);
+  const Tensor seq = checked_seq_ids(op, seq_ids, s.B, /*check=*/false);
   const Tensor gate = rows_view(gate_in), up = rows_view(up_in), grad = grad_in.contiguous();
   const Tensor v = last_dim_contiguous(vectors);
   Tensor g_gate = at::empty(gate_in.sizes(), gate_in.options());

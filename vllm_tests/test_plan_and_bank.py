@@ -162,3 +162,22 @@ def test_a_broken_adapter_is_refused_with_its_name_and_file(bank, tmp_path, edit
 def test_bad_bank_specs(spec, error, message):
     with pytest.raises(error, match=message):
         resolve_adapter_paths(spec)
+
+
+def test_a_gpu_engine_with_cuda_graphs_is_refused():
+    """The GPU path is not validated: on a GPU only eager mode is accepted (a captured graph
+    would freeze the plan that refresh_vectors reads on the host)."""
+    from types import SimpleNamespace as NS
+
+    from pedro_ext.serving_vllm.config_check import unsupported_settings
+
+    def config(device, eager):
+        return NS(scheduler_config=NS(enable_chunked_prefill=False), lora_config=None,
+                  cache_config=NS(enable_prefix_caching=False), speculative_config=None,
+                  parallel_config=NS(tensor_parallel_size=1, pipeline_parallel_size=1),
+                  device_config=NS(device_type=device), model_config=NS(enforce_eager=eager))
+
+    assert unsupported_settings(config("cpu", False)) == []
+    assert unsupported_settings(config("cuda", True)) == []
+    (problem,) = unsupported_settings(config("cuda", False))
+    assert "CUDA graphs on cuda are not supported yet" in problem and "--enforce-eager" in problem

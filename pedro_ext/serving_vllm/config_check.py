@@ -53,6 +53,11 @@ def unsupported_settings(vllm_config) -> List[str]:
     if getattr(sched, "async_scheduling", False):
         problems.append("async scheduling is not supported (pass async_scheduling=False / "
                         "--no-async-scheduling)")
+    device = getattr(getattr(vllm_config, "device_config", None), "device_type", "cpu")
+    if device != "cpu" and not vllm_config.model_config.enforce_eager:
+        problems.append(f"CUDA graphs on {device} are not supported yet (pass enforce_eager=True "
+                        "/ --enforce-eager): the vector refresh reads each step's plan on the "
+                        "host, which a captured graph would freeze")
     if getattr(vllm_config, "use_v2_model_runner", False):
         problems.append("the V2 model runner is not supported (unset VLLM_USE_V2_MODEL_RUNNER)")
     return problems

@@ -127,12 +127,21 @@ def _range(st: Optional[dict]) -> str:
 
 
 def pedro_vs_lora(rows: List[dict]) -> str:
-    """Kernel-level decode: LoRA time / PEDRO time for each LoRA variant and rank."""
-    lines = ["| batch | distinct | variant | LoRA ms / PEDRO ms |", "|---|---|---|---|"]
+    """Kernel-level decode: LoRA time / PEDRO time for each LoRA variant and rank (ratio of the
+    medians), with the range the two rows' quartiles allow (LoRA q1 / PEDRO q3 .. q3 / q1)."""
+    decode = {(r["batch_size"], r["distinct_adapters"], f"{r['method']}_r{r['rank']}"): r
+              for r in rows if r["level"] == "kernel" and r["phase"] == "decode"}
+    lines = ["| batch | distinct | variant | LoRA ms / PEDRO ms | range from quartiles |",
+             "|---|---|---|---|---|"]
     for r in _sorted(rows):
         if r["level"] == "kernel" and r["phase"] == "decode" and r["method"] == "pedro":
             for k, v in sorted((r.get("ratio_vs") or {}).items()):
-                lines.append(f"| {r['batch_size']} | {r['distinct_adapters']} | {k} | {v:.2f} |")
+                other = decode.get((r["batch_size"], r["distinct_adapters"], k), {})
+                quart = (other.get("q1_ms"), other.get("q3_ms"), r.get("q1_ms"), r.get("q3_ms"))
+                spread = (f"{quart[0] / quart[3]:.2f}-{quart[1] / quart[2]:.2f}"
+                          if all(quart) else "-")
+                lines.append(f"| {r['batch_size']} | {r['distinct_adapters']} | {k} | {v:.2f} | "
+                             f"{spread} |")
     return "\n".join(lines)
 
 

@@ -87,6 +87,13 @@ void set_cuda_index_checks_enabled(bool enabled);
 int64_t row_stride(const Tensor& t);
 // t itself when row_stride(t) >= 0, else a contiguous copy.
 Tensor rows_view(const Tensor& t);
+// t itself when its last dimension is unit-stride (e.g. a column slice of a wider tensor),
+// else a contiguous copy.
+inline Tensor last_dim_contiguous(const Tensor& t) {
+  return t.size(-1) <= 1 || t.stride(-1) == 1 ? t : t.contiguous();
+}
+// Ids of any integer dtype as a contiguous int64 tensor (the CPU kernels' index type).
+inline Tensor ids_long(const Tensor& ids) { return ids.to(at::kLong).contiguous(); }
 
 // modulate_'s memory rules. Raises RuntimeError unless x's elements provably occupy distinct
 // memory (at::assert_no_internal_overlap gives up on non-dense tensors, e.g. rows that overlap

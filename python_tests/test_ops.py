@@ -118,6 +118,25 @@ def test_generate_accepts_column_slices_of_w_up():
     assert torch.equal(sliced, full[:, 7:15])
 
 
+def test_generate_reads_column_slices_of_w_up_in_place_on_the_cpu():
+    """The wrapper passes each target's columns of w_up / b_up on every prefill: the CPU kernels
+    read them with their strides instead of copying the slice."""
+    from torch.profiler import ProfilerActivity, profile
+
+    bank = {k: v.requires_grad_() for k, v in make_bank(4, 6, 3, 20).items()}
+    pooled = torch.randn(5, 6, requires_grad=True)
+    ids = torch.tensor([0, 3, -1, 3, 2])
+    args = bank_args(bank)
+    args[4], args[5] = bank["w_up"][:, :, 7:15], bank["b_up"][:, 7:15]
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        out = pedro_ext.generate(pooled, ids, *args)
+        out.backward(torch.randn(out.shape))
+    copies = [e.key for e in prof.key_averages() if e.key in ("aten::clone", "aten::contiguous")]
+    assert not copies, copies
+    want = ref.generate(pooled.detach().double(), ids, *(a.detach().double() for a in args))
+    torch.testing.assert_close(out.double(), want)
+
+
 def test_generate_backward_is_deterministic():
     bank = make_bank(3, 40, 8, 50)
     pooled = torch.randn(64, 40)

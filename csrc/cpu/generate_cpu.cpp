@@ -22,8 +22,6 @@ std::vector<at::opmath_type<T>> to_acc(const T* p, int64_t n) {
   return std::vector<at::opmath_type<T>>(p, p + n);
 }
 
-Tensor ids_long(const Tensor& ids) { return ids.to(at::kLong).contiguous(); }
-
 // z = pooled_row @ w_down[a] + b_down[a]; returns the r values in acc precision.
 template <typename T, typename acc_t>
 void down_project(const T* pooled_row, const T* wd, const T* bd, int64_t d, int64_t r,
@@ -113,8 +111,11 @@ Tensor generate_cpu(const Tensor& pooled_in, const Tensor& adapter_ids, const Te
   const Tensor ids = ids_long(adapter_ids);
   const Tensor pooled = pooled_in.contiguous(), w_down = w_down_in.contiguous(),
                b_down = b_down_in.contiguous(), rat_num = rat_num_in.contiguous(),
-               rat_den = rat_den_in.contiguous(), w_up = w_up_in.contiguous(),
-               b_up = b_up_in.contiguous();
+               rat_den = rat_den_in.contiguous();
+  // w_up / b_up are often column slices of a wider generator (the Q, V or up part): read them
+  // in place with their row strides.
+  const Tensor w_up = last_dim_contiguous(w_up_in), b_up = last_dim_contiguous(b_up_in);
+  const int64_t wu_s0 = w_up.stride(0), wu_s1 = w_up.stride(1), bu_s0 = b_up.stride(0);
   Tensor out = at::empty({s.B, s.D}, pooled.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, pooled.scalar_type(), "generate_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
@@ -144,11 +145,11 @@ Tensor generate_cpu(const Tensor& pooled_in, const Tensor& adapter_ids, const Te
         down_project(pp + b * s.d, wdp + a * s.d * s.r, bdp + a * s.r, s.d, s.r, z.data());
         const scalar_t* num = np + a * s.num_len;  // rational_value widens each coefficient
         const scalar_t* den = dp + a * s.den_len;
-        const scalar_t* bu = bup + a * s.D;
+        const scalar_t* bu = bup + a * bu_s0;
         for (int64_t j = 0; j < s.D; ++j) acc[j] = static_cast<acc_t>(bu[j]);
         for (int64_t k = 0; k < s.r; ++k) {
           const acc_t h = rational_value<acc_t>(z[k], num, (int)s.num_len, den, (int)s.den_len);
-          const scalar_t* wrow = wup + (a * s.r + k) * s.D;
+          const scalar_t* wrow = wup + a * wu_s0 + k * wu_s1;
           for (int64_t j = 0; j < s.D; ++j) acc[j] += h * static_cast<acc_t>(wrow[j]);
         }
         for (int64_t j = 0; j < s.D; ++j) orow[j] = static_cast<scalar_t>(acc_t(1) + acc[j]);
@@ -170,7 +171,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> generate_back
   const Tensor grad = grad_in.to(pooled_in.scalar_type()).contiguous();
   const Tensor pooled = pooled_in.contiguous(), w_down = w_down_in.contiguous(),
                b_down = b_down_in.contiguous(), rat_num = rat_num_in.contiguous(),
-               rat_den = rat_den_in.contiguous(), w_up = w_up_in.contiguous();
+               rat_den = rat_den_in.contiguous(), w_up = last_dim_contiguous(w_up_in);
+  const int64_t wu_s0 = w_up.stride(0), wu_s1 = w_up.stride(1);
   auto [order_t, starts_t] = group_rows(ids, s.N);
   const auto opts = pooled.options();
   Tensor g_pooled = at::empty({s.B, s.d}, opts), g_wd = at::empty({s.N, s.d, s.r}, opts),
@@ -205,7 +207,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> generate_back
         const scalar_t* den = dp + a * s.den_len;
         const scalar_t* grow = gp + b * s.D;
         for (int64_t k = 0; k < s.r; ++k) {
-          const scalar_t* wrow = wup + (a * s.r + k) * s.D;
+          const scalar_t* wrow = wup + a * wu_s0 + k * wu_s1;
           acc_t gh = 0;
           for (int64_t j = 0; j < s.D; ++j)
             gh += static_cast<acc_t>(wrow[j]) * static_cast<acc_t>(grow[j]);

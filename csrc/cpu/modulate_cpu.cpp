@@ -108,8 +108,6 @@ void scale_row(c10::Half* y, const c10::Half* x, const c10::Half* __restrict__ v
 
 #endif
 
-Tensor ids_long(const Tensor& ids) { return ids.to(at::kLong).contiguous(); }
-
 // Request of a row, or -1 when its seq id is invalid (padded rows are always valid).
 int64_t request_of(const int64_t* seq, int64_t row, const ModulateSizes& s) {
   if (!seq) return row / s.T;
@@ -131,10 +129,6 @@ void modulate_rows(T* y, int64_t ys, const T* x, int64_t xs, const T* v, int64_t
       }
     }
   });
-}
-
-Tensor last_dim_contiguous(const Tensor& t) {
-  return t.size(-1) <= 1 || t.stride(-1) == 1 ? t : t.contiguous();
 }
 
 // seq_ids as int64 (an undefined tensor without them), range-checked against B when asked.

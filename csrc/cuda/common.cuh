@@ -146,10 +146,6 @@ inline void maybe_check_ranges(const char* op, bool check_ids,
     check_index_ranges(op, ranges);
 }
 
-inline Tensor last_dim_contiguous(const Tensor& t) {
-  return t.size(-1) <= 1 || t.stride(-1) == 1 ? t : t.contiguous();
-}
-
 inline Tensor acc_empty(const Tensor& like, at::IntArrayRef sizes) {
   return at::empty(sizes, like.options().dtype(at::toOpMathType(like.scalar_type())));
 }

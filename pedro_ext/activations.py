@@ -31,6 +31,14 @@ def gelu(z: torch.Tensor) -> torch.Tensor:
     return 0.5 * z * (1 + torch.erf(z / math.sqrt(2.0)))
 
 
+def _lp_norm(e: torch.Tensor, p: int) -> torch.Tensor:
+    """(mean |e|^p)^(1/p) without overflow or underflow: scaled by max |e| (a constant factor,
+    so the value and its gradient are the norm's)."""
+    a = e.abs()
+    m = a.max().detach().clamp_min(1e-300)
+    return m * ((a / m) ** p).mean() ** (1.0 / p)
+
+
 @functools.lru_cache(maxsize=None)
 def fit_gelu(num_degree: int, den_degree: int, lo: float = GELU_WIDE_RANGE[0],
              hi: float = GELU_WIDE_RANGE[1], stored: bool = True
@@ -40,7 +48,10 @@ def fit_gelu(num_degree: int, den_degree: int, lo: float = GELU_WIDE_RANGE[0],
     (5, 4) on [-8, 8] returns the stored GELU_WIDE_* (unless stored=False). Otherwise: linear
     least squares for P(z) - gelu(z) * A(z) = gelu(z) (the denominator without its |.|), then
     L-BFGS on the squared error of the safe form, then on L_p norms of the error for growing p
-    (towards the smallest maximum error). Deterministic; float64 throughout."""
+    (towards the smallest maximum error). Each stage keeps its result only if it is finite and
+    lowers that stage's loss, so a line search that strays (a huge trial error) cannot leave
+    NaN coefficients. float64 throughout; deterministic for a given torch build and thread
+    count (BLAS reductions may round differently with another thread count)."""
     if stored and (num_degree, den_degree, lo, hi) == (5, 4, *GELU_WIDE_RANGE):
         return GELU_WIDE_NUM, GELU_WIDE_DEN
     z = torch.linspace(lo, hi, 2001, dtype=torch.float64)
@@ -51,22 +62,34 @@ def fit_gelu(num_degree: int, den_degree: int, lo: float = GELU_WIDE_RANGE[0],
     den = sol[num_degree + 1:].clone().requires_grad_()
 
     def minimise(loss_fn):
+        def loss():
+            return loss_fn(rational_eval(z, num, den) - f)
+
+        with torch.no_grad():
+            start, before = (num.clone(), den.clone()), loss()
         opt = torch.optim.LBFGS([num, den], max_iter=300, tolerance_grad=1e-16,
                                 tolerance_change=1e-20, history_size=100,
                                 line_search_fn="strong_wolfe")
 
         def closure():
             opt.zero_grad()
-            loss = loss_fn(rational_eval(z, num, den) - f)
-            loss.backward()
-            return loss
+            value = loss()
+            value.backward()
+            return value
 
         opt.step(closure)
+        with torch.no_grad():
+            after = loss()
+            if not (torch.isfinite(after) and after <= before):
+                num.copy_(start[0])
+                den.copy_(start[1])
 
     minimise(lambda e: (e ** 2).mean())
     for p in (4, 8, 16, 32, 64):
-        # (scaled so that e / 1e-3 is O(1): the p-th power neither under- nor overflows)
-        minimise(lambda e: ((e / 1e-3).abs() ** p).mean() ** (1.0 / p))
+        # (in units of 1e-3, the size of a good fit's error: L-BFGS's tolerances suit O(1) losses)
+        minimise(lambda e: _lp_norm(e / 1e-3, p))
+    if not all(math.isfinite(c) for c in num.tolist() + den.tolist()):
+        raise RuntimeError(f"fit_gelu({num_degree}, {den_degree}) found no finite fit")
     return tuple(num.detach().tolist()), tuple(den.detach().tolist())
 
 

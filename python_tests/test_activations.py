@@ -6,7 +6,7 @@ import torch
 import pedro_ext
 from pedro_ext import PedroConfig, reference
 from pedro_ext.activations import (GELU_DEN, GELU_NUM, GELU_WIDE_DEN, GELU_WIDE_NUM,
-                                   GELU_WIDE_RANGE, fit_gelu, gelu, rational_init)
+                                   GELU_WIDE_RANGE, _lp_norm, fit_gelu, gelu, rational_init)
 from pedro_ext.layer import PedroAdapterWeights
 
 F64 = dict(dtype=torch.float64)
@@ -76,3 +76,32 @@ def test_other_degrees_are_fitted_on_the_wide_range():
     # (3, 2): 0.154 when fitted on [-8, 8], 1.6 there when fitted on [-3, 3]
     assert max_err(fit_gelu(3, 2)) < 0.16
     assert max_err(fit_gelu(3, 2, -3.0, 3.0)) > 1.0
+
+
+def test_lp_norm_of_the_fitter_neither_overflows_nor_underflows():
+    # the old (|e| / 1e-3) ** 64 overflowed float64 once a line-search trial had |e| > 63,
+    # and L-BFGS then left NaN coefficients (seen for (6, 5) under torch 2.13 with one thread)
+    e = torch.tensor([1e3, -1.0, 1e-200, 0.0], **F64, requires_grad=True)
+    for p in (4, 64):
+        got = _lp_norm(e, p)
+        want = (e.detach().abs() ** p).mean() ** (1.0 / p) if p == 4 else \
+            1e3 * 0.25 ** (1.0 / p)  # the other terms vanish beside 1e3 ** 64
+        assert torch.isfinite(got) and torch.isclose(got, torch.as_tensor(want, **F64))
+        (g,) = torch.autograd.grad(got, e)
+        assert torch.isfinite(g).all() and g[0] > 0
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_fits_of_other_degrees_are_finite_and_close_with_any_thread_count(threads):
+    z = torch.linspace(*GELU_WIDE_RANGE, 2001, **F64)
+    saved = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        fit_gelu.cache_clear()
+        for degrees in ((6, 5), (4, 3)):
+            num, den = (torch.tensor(c, **F64) for c in fit_gelu(*degrees))
+            assert torch.isfinite(num).all() and torch.isfinite(den).all(), degrees
+            assert (reference.rational(z, num, den) - gelu(z)).abs().max() < 0.05, degrees
+    finally:
+        torch.set_num_threads(saved)
+        fit_gelu.cache_clear()

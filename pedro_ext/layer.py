@@ -229,10 +229,24 @@ _call_vectors_eager = torch.compiler.disable(_call_vectors)
 
 
 def scale(y: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """y * v per row; in place when nothing needs a gradient (inference)."""
+    """y * v per row; in place when nothing needs a gradient (inference). Traced by
+    torch.compile, the same product in aten ops (see traced_scale)."""
+    if torch.compiler.is_compiling():
+        return traced_scale(y, v)
     if y.requires_grad or v.requires_grad:
         return _OPS["modulate"](y, v, check_ids=False)
     return _OPS["modulate_"](y, v, check_ids=False)
+
+
+def traced_scale(y: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """modulate's padded product (y [B, T, D], v [B, D]) for compiled graphs. An opaque custom
+    op costs a kernel launch and a pass over y of its own there; inductor fuses this product into
+    the kernels around it (Q's rotary embedding, V's cache write, the MLP's activation product),
+    so the scaling adds no pass over memory. One multiply per element in y's dtype, as
+    modulate's fp32 product rounded once."""
+    if y.dim() != 3:
+        return _OPS["modulate"](y, v, check_ids=False)  # (raises its shape error)
+    return y * v.unsqueeze(1)
 
 
 class PedroLinear(nn.Module):

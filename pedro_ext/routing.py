@@ -25,8 +25,8 @@ import torch
 _CURRENT: contextvars.ContextVar = contextvars.ContextVar("pedro_call", default=None)
 
 
-def current_call() -> Optional["PedroCall"]:
-    return _CURRENT.get()
+# () -> Optional[PedroCall]; the context variable's own getter (read per wrapped module per step)
+current_call = _CURRENT.get
 
 
 @contextlib.contextmanager

@@ -236,12 +236,21 @@ def test_static_cache_generate_equals_dynamic_and_resets_its_routing():
 
 
 def test_compiled_static_cache_decode_follows_each_calls_adapters():
+    from torch._dynamo.backends.common import aot_autograd
     from torch._dynamo.utils import counters
+    from functorch.compile import nop
     from transformers import CompileConfig
 
+    aot_eager = aot_autograd(fw_compiler=nop)
     pedro = _pedro()
     ids = prompts(batch=4, length=5)
-    compile_config = CompileConfig(fullgraph=True, backend="aot_eager", mode=None)
+    graphs = []
+
+    def backend(gm, example_inputs):  # aot_eager, keeping each traced graph for inspection
+        graphs.append(gm)
+        return aot_eager(gm, example_inputs)
+
+    compile_config = CompileConfig(fullgraph=True, backend=backend, mode=None)
     compile_config._compile_all_devices = True  # transformers compiles only on accelerators
     torch._dynamo.reset()
     counters.clear()
@@ -251,6 +260,13 @@ def test_compiled_static_cache_decode_follows_each_calls_adapters():
                         compile_config=compile_config)
         assert torch.equal(compiled, eager), names
     assert counters["stats"]["unique_graphs"] == 1, "one decode graph serves both calls"
+    # The scaling is traced as aten products that inductor can fuse into the kernels around
+    # it, not as opaque custom ops (a launch and a pass over memory each).
+    (graph,) = graphs
+    targets = [str(n.target) for n in graph.graph.nodes if n.op == "call_function"]
+    assert not [t for t in targets if "pedro_ext" in t], targets
+    layers = len(pedro.banks)
+    assert sum("mul" in t for t in targets) >= 3 * layers
     with torch.no_grad():
         base = _gen(pedro, ids, adapter_names=[None] * 4)
     assert not torch.equal(eager, base)

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from pedro_ext.bench import PRESETS
-from pedro_ext.bench.report import README_BEGIN, README_END, console_report, markdown, ms
+from pedro_ext.bench.report import console_report, markdown, markers, ms
 from pedro_ext.bench.sanity import MIN_MS, flag_rows, refusal, weight_floor_ms
 from pedro_ext.bench.timing import Stats, StepClock
 
@@ -126,18 +126,19 @@ def test_time_limit_stops_new_configurations_and_says_so():
     assert any("stopped at the time limit after 0 of" in m for m in kb.messages)
 
 
-def test_readme_benchmarks_section_is_generated_from_the_committed_json():
-    path = os.path.join("bench", "results", "cpu-2core", "bench.json")
+@pytest.mark.parametrize("results, name", [("cpu-2core", ""), ("cpu-2core-compiled", "compiled")])
+def test_readme_benchmarks_section_is_generated_from_the_committed_json(results, name):
+    path = os.path.join("bench", "results", results, "bench.json")
     with open(os.path.join(ROOT, path)) as f:
         result = json.load(f)
     with open(os.path.join(ROOT, "README.md")) as f:
         readme = f.read()
-    assert README_BEGIN in readme and README_END in readme
-    section = readme.split(README_BEGIN, 1)[1].split(README_END, 1)[0]
+    begin, end = markers(name)
+    assert begin in readme and end in readme
+    section = readme.split(begin, 1)[1].split(end, 1)[0]
     assert section.strip() == markdown(result, path).strip(), (
-        "README's benchmark figures differ from bench/results/cpu-2core/bench.json: run "
-        "python -m pedro_ext.bench.report --markdown bench/results/cpu-2core/bench.json "
-        "--readme README.md")
+        f"README's benchmark figures differ from {path}: run python -m pedro_ext.bench.report "
+        f"--markdown {path} --readme README.md" + (f" --section {name}" if name else ""))
     # and every model-level figure of the json is in it
     for r in result["rows"]:
         if r["level"] == "model" and r.get("median_ms"):

@@ -1,5 +1,5 @@
 """python -m pedro_ext.bench [--quick] [--preset cpu|gpu|tiny] [--device cpu|cuda] [--out DIR]
-[--compile] [--cuda-graph] [--methods ...] [--batches ...] [--time-limit SECONDS]"""
+[--compile] [--cuda-graph] [--methods ...] [--batches ...] [--rounds N] [--time-limit SECONDS]"""
 import argparse
 import time
 
@@ -32,6 +32,9 @@ def main(argv=None):
                     help="model-level methods (default: all)")
     ap.add_argument("--batches", nargs="+", type=int, default=None,
                     help="model-level batch sizes (default: the preset's)")
+    ap.add_argument("--rounds", type=int, default=None,
+                    help="model-level interleaved timed rounds (default: the preset's); more "
+                         "rounds narrow the ratio's range on a noisy machine")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     ap.add_argument("--time-limit", type=float, default=None, metavar="SECONDS",
                     help="start no new batch size / configuration after this many seconds "
@@ -51,6 +54,10 @@ def main(argv=None):
         if min(args.batches) < 1:
             ap.error(f"--batches must be positive, got {args.batches}")
         preset = preset.replace(model_batches=tuple(args.batches))
+    if args.rounds is not None:
+        if args.rounds < 1:
+            ap.error(f"--rounds must be at least 1, got {args.rounds}")
+        preset = preset.replace(model_rounds=args.rounds)
     mode = {(False, False): "eager", (True, False): "compiled", (False, True): "cuda_graph",
             (True, True): "compiled+cuda_graph"}[(args.compile, args.cuda_graph)]
     levels = ("kernel", "model") if args.level == "both" else (args.level,)

@@ -228,9 +228,17 @@ def _call_vectors(linear: "PedroLinear", x: torch.Tensor) -> Optional[torch.Tens
 _call_vectors_eager = torch.compiler.disable(_call_vectors)
 
 
+def in_dtype_of(y: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """v in y's dtype. They differ under torch.autocast (Trainer's bf16 / fp16 on a float32
+    model): the projections return the autocast dtype while the vectors follow the float32
+    hidden states they were generated from; the scaled output keeps the projection's dtype."""
+    return v if v.dtype == y.dtype else v.to(y.dtype)
+
+
 def scale(y: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """y * v per row; in place when nothing needs a gradient (inference). Traced by
     torch.compile, the same product in aten ops (see traced_scale)."""
+    v = in_dtype_of(y, v)
     if torch.compiler.is_compiling():
         return traced_scale(y, v)
     if y.requires_grad or v.requires_grad:
@@ -239,13 +247,13 @@ def scale(y: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
 
 
 def traced_scale(y: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """modulate's padded product (y [B, T, D], v [B, D]) for compiled graphs. An opaque custom
-    op costs a kernel launch and a pass over y of its own there; inductor fuses this product into
-    the kernels around it (Q's rotary embedding, V's cache write, the MLP's activation product),
-    so the scaling adds no pass over memory. One multiply per element in y's dtype, as
-    modulate's fp32 product rounded once."""
-    if y.dim() != 3:
-        return _OPS["modulate"](y, v, check_ids=False)  # (raises its shape error)
+    """modulate's padded product (y [B, T, D], v [B, D], one dtype) for compiled graphs. An
+    opaque custom op costs a call and a pass over y of its own there; inductor fuses this
+    product into the kernels around it (Q's rotary embedding, V's cache write, the MLP's
+    activation product). One multiply per element in y's dtype, as modulate's fp32 product
+    rounded once. Anything else goes to the op, which raises its argument error."""
+    if y.dim() != 3 or v.dtype != y.dtype or v.shape != (y.shape[0], y.shape[2]):
+        return _OPS["modulate"](y, v, check_ids=False)
     return y * v.unsqueeze(1)
 
 
@@ -292,6 +300,8 @@ class PedroLinear(nn.Module):
         if torch.compiler.is_compiling():
             static = self._static
             if static.active and static.prefilled:
+                if not static.any_adapter:  # (its buffers may be another call's shape)
+                    return None
                 v = static.vectors.get(self.layer)
                 return None if v is None else v[:, self.start:self.end]
             return _call_vectors_eager(self, x)

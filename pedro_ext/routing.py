@@ -131,13 +131,16 @@ class StaticRouting:
     run one at a time, as HF's compiled forward and static cache require anyway), writes each
     layer's vectors into a persistent [rows, D] tensor at prefill (in place when the shape
     allows, so CUDA graphs see fixed addresses), and resets them to the identity on exit.
-    Compiled code reads `vectors` only while `active and prefilled`; dynamo guards both flags,
-    so a graph traced for one state is never replayed in another."""
+    Compiled code reads `vectors` only while `active and prefilled` and the call has an adapter
+    row (`any_adapter`: a call without one computes no vectors, so the buffers may still have
+    another call's shape); dynamo guards the flags, so a graph traced for one state is never
+    replayed in another."""
 
     def __init__(self):
         self.lock = threading.Lock()
         self.active = False
         self.prefilled = False
+        self.any_adapter = False  # the borrowing call has a row with an adapter
         self.vectors: Dict[int, torch.Tensor] = {}
 
     def __getstate__(self):  # (copy / pickle: a lock is neither; a copy gets its own)
@@ -162,11 +165,11 @@ class StaticRouting:
     def borrowed(self, call: PedroCall):
         with self.lock:
             call.static = self
-            self.active, self.prefilled = True, False
+            self.active, self.prefilled, self.any_adapter = True, False, call.any_adapter
             try:
                 yield
             finally:
-                self.active, self.prefilled = False, False
+                self.active, self.prefilled, self.any_adapter = False, False, False
                 with torch.no_grad():
                     for buf in self.vectors.values():
                         buf.fill_(1.0)

@@ -39,6 +39,29 @@ def _lp_norm(e: torch.Tensor, p: int) -> torch.Tensor:
     return m * ((a / m) ** p).mean() ** (1.0 / p)
 
 
+def _minimise(params, loss) -> None:
+    """L-BFGS on loss() over params (leaf tensors), in place; the result is kept only if its
+    loss is finite and no higher than at the start (a line search that strays to a huge trial
+    point can otherwise leave inf / NaN parameters), else params are restored."""
+    with torch.no_grad():
+        start, before = [p.clone() for p in params], loss()
+    opt = torch.optim.LBFGS(params, max_iter=300, tolerance_grad=1e-16, tolerance_change=1e-20,
+                            history_size=100, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        value = loss()
+        value.backward()
+        return value
+
+    opt.step(closure)
+    with torch.no_grad():
+        after = loss()
+        if not (torch.isfinite(after) and after <= before):
+            for p, s in zip(params, start):
+                p.copy_(s)
+
+
 @functools.lru_cache(maxsize=None)
 def fit_gelu(num_degree: int, den_degree: int, lo: float = GELU_WIDE_RANGE[0],
              hi: float = GELU_WIDE_RANGE[1], stored: bool = True
@@ -62,34 +85,12 @@ def fit_gelu(num_degree: int, den_degree: int, lo: float = GELU_WIDE_RANGE[0],
     den = sol[num_degree + 1:].clone().requires_grad_()
 
     def minimise(loss_fn):
-        def loss():
-            return loss_fn(rational_eval(z, num, den) - f)
-
-        with torch.no_grad():
-            start, before = (num.clone(), den.clone()), loss()
-        opt = torch.optim.LBFGS([num, den], max_iter=300, tolerance_grad=1e-16,
-                                tolerance_change=1e-20, history_size=100,
-                                line_search_fn="strong_wolfe")
-
-        def closure():
-            opt.zero_grad()
-            value = loss()
-            value.backward()
-            return value
-
-        opt.step(closure)
-        with torch.no_grad():
-            after = loss()
-            if not (torch.isfinite(after) and after <= before):
-                num.copy_(start[0])
-                den.copy_(start[1])
+        _minimise([num, den], lambda: loss_fn(rational_eval(z, num, den) - f))
 
     minimise(lambda e: (e ** 2).mean())
     for p in (4, 8, 16, 32, 64):
         # (in units of 1e-3, the size of a good fit's error: L-BFGS's tolerances suit O(1) losses)
         minimise(lambda e: _lp_norm(e / 1e-3, p))
-    if not all(math.isfinite(c) for c in num.tolist() + den.tolist()):
-        raise RuntimeError(f"fit_gelu({num_degree}, {den_degree}) found no finite fit")
     return tuple(num.detach().tolist()), tuple(den.detach().tolist())
 
 

@@ -119,22 +119,31 @@ def test_generate_accepts_column_slices_of_w_up():
 
 
 def test_generate_reads_column_slices_of_w_up_in_place_on_the_cpu():
-    """The wrapper passes each target's columns of w_up / b_up on every prefill: the CPU kernels
-    read them with their strides instead of copying the slice."""
+    """Column slices of w_up / b_up (e.g. one target's part of a generator) are read with their
+    strides, forward and backward, not copied; values and every gradient as the float64
+    reference's."""
     from torch.profiler import ProfilerActivity, profile
 
-    bank = {k: v.requires_grad_() for k, v in make_bank(4, 6, 3, 20).items()}
-    pooled = torch.randn(5, 6, requires_grad=True)
+    g = torch.Generator().manual_seed(7)
+    bank = {k: v.detach().requires_grad_() for k, v in make_bank(4, 6, 3, 20).items()}
+    pooled = torch.randn(5, 6, generator=g).requires_grad_()
     ids = torch.tensor([0, 3, -1, 3, 2])
     args = bank_args(bank)
-    args[4], args[5] = bank["w_up"][:, :, 7:15], bank["b_up"][:, 7:15]
+    args[4], args[5] = bank["w_up"][:, :, 7:15], bank["b_up"][:, 7:15]  # views of the leaves
+    grad = torch.randn(5, 8, generator=g)
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         out = pedro_ext.generate(pooled, ids, *args)
-        out.backward(torch.randn(out.shape))
+        got = torch.autograd.grad(out, [pooled, *bank.values()], grad)
     copies = [e.key for e in prof.key_averages() if e.key in ("aten::clone", "aten::contiguous")]
     assert not copies, copies
-    want = ref.generate(pooled.detach().double(), ids, *(a.detach().double() for a in args))
-    torch.testing.assert_close(out.double(), want)
+    leaves = [t.detach().double().requires_grad_() for t in (pooled, *bank.values())]
+    wide = dict(zip(bank, leaves[1:]))
+    ref_args = [wide[k] for k in ("w_down", "b_down", "rat_num", "rat_den")]
+    want = ref.generate(leaves[0], ids, *ref_args, wide["w_up"][:, :, 7:15],
+                        wide["b_up"][:, 7:15])
+    assert_close(out, want, torch.float32, "vectors")
+    for name, a, b in zip(["pooled", *bank], got, torch.autograd.grad(want, leaves, grad.double())):
+        assert_close(a, b, torch.float32, name)
 
 
 def test_generate_backward_is_deterministic():

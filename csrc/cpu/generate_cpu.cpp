@@ -112,8 +112,8 @@ Tensor generate_cpu(const Tensor& pooled_in, const Tensor& adapter_ids, const Te
   const Tensor pooled = pooled_in.contiguous(), w_down = w_down_in.contiguous(),
                b_down = b_down_in.contiguous(), rat_num = rat_num_in.contiguous(),
                rat_den = rat_den_in.contiguous();
-  // w_up / b_up are often column slices of a wider generator (the Q, V or up part): read them
-  // in place with their row strides.
+  // w_up / b_up may be column slices of a wider generator (one target's part, as the op's
+  // Semantics allow): read them in place with their row strides.
   const Tensor w_up = last_dim_contiguous(w_up_in), b_up = last_dim_contiguous(b_up_in);
   const int64_t wu_s0 = w_up.stride(0), wu_s1 = w_up.stride(1), bu_s0 = b_up.stride(0);
   Tensor out = at::empty({s.B, s.D}, pooled.options());

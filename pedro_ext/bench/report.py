@@ -412,6 +412,8 @@ def main(argv=None):
                     help="with --readme: the named section's markers (see markers())")
     ap.add_argument("--plot", action="store_true", help="redraw bench.png next to the json")
     args = ap.parse_args(argv)
+    if args.section and not (args.markdown and args.readme):
+        ap.error("--section names the README section to rewrite: use it with --markdown --readme")
     with open(args.json) as f:
         result = json.load(f)
     if args.plot:

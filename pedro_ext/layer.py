@@ -228,6 +228,23 @@ def _call_vectors(linear: "PedroLinear", x: torch.Tensor) -> Optional[torch.Tens
 _call_vectors_eager = torch.compiler.disable(_call_vectors)
 
 
+# How compiled graphs scale: traced aten products (the default), or the custom ops as in eager
+# (custom_ops_when_compiled: the benchmark's control). Dynamo guards on it.
+_TRACED_PRODUCTS = True
+
+
+@contextlib.contextmanager
+def custom_ops_when_compiled():
+    """Within this block graphs traced by torch.compile scale with the pedro_ext custom ops
+    instead of traced products (for bench/compiled_scaling_ab.py, which times the two)."""
+    global _TRACED_PRODUCTS
+    saved, _TRACED_PRODUCTS = _TRACED_PRODUCTS, False
+    try:
+        yield
+    finally:
+        _TRACED_PRODUCTS = saved
+
+
 def in_dtype_of(y: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """v in y's dtype. They differ under torch.autocast (Trainer's bf16 / fp16 on a float32
     model): the projections return the autocast dtype while the vectors follow the float32
@@ -239,7 +256,7 @@ def scale(y: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """y * v per row; in place when nothing needs a gradient (inference). Traced by
     torch.compile, the same product in aten ops (see traced_scale)."""
     v = in_dtype_of(y, v)
-    if torch.compiler.is_compiling():
+    if torch.compiler.is_compiling() and _TRACED_PRODUCTS:
         return traced_scale(y, v)
     if y.requires_grad or v.requires_grad:
         return _OPS["modulate"](y, v, check_ids=False)

@@ -143,3 +143,12 @@ def test_readme_benchmarks_section_is_generated_from_the_committed_json(results,
     for r in result["rows"]:
         if r["level"] == "model" and r.get("median_ms"):
             assert f"{ms(r['median_ms'])}, IQR {ms(r['iqr_ms'])}" in section, r
+
+
+def test_compiled_scaling_ab_times_both_ways_of_scaling_beside_base():
+    from bench.compiled_scaling_ab import CONTROL, main
+    result = main(["--preset", "tiny", "--batches", "1", "--rounds", "1", "--threads", "1"])
+    decode = {r["method"]: r for r in result["rows"] if r["phase"] == "decode"}
+    assert set(decode) == {"base", "pedro", CONTROL}
+    assert all(r["median_ms"] > 0 for r in decode.values())
+    assert result["paired"][1]["n"] == 1 and result["paired"][1]["median"] > 0

@@ -270,6 +270,34 @@ def test_compiled_static_cache_decode_follows_each_calls_adapters():
     assert not torch.equal(eager, base)
 
 
+def test_custom_ops_control_puts_the_ops_in_compiled_graphs():
+    """bench/compiled_scaling_ab.py's control really runs the custom ops inside the graph, with
+    the same tokens."""
+    from torch._dynamo.backends.common import aot_autograd
+    from functorch.compile import nop
+    from transformers import CompileConfig
+
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return aot_autograd(fw_compiler=nop)(gm, example_inputs)
+
+    config = CompileConfig(fullgraph=True, backend=backend, mode=None)
+    config._compile_all_devices = True
+    pedro = _pedro()
+    ids = prompts(batch=3, length=5)
+    names = ["c", None, "a"]
+    torch._dynamo.reset()
+    with layer_mod.custom_ops_when_compiled():
+        got = _gen(pedro, ids, adapter_names=names, cache_implementation="static",
+                   compile_config=config)
+    assert layer_mod._TRACED_PRODUCTS
+    assert torch.equal(got, _gen(pedro, ids, adapter_names=names))
+    targets = {str(n.target) for g in graphs for n in g.graph.nodes if n.op == "call_function"}
+    assert {"pedro_ext.modulate_.default", "pedro_ext.act_mul_modulate.default"} <= targets
+
+
 def test_compiled_static_call_without_adapter_rows_after_another_batch_size():
     """A static-cache call whose rows all use the base model computes no vectors, so the
     persistent buffers still have the previous call's batch size: compiled steps must not

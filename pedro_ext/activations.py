@@ -91,6 +91,8 @@ def fit_gelu(num_degree: int, den_degree: int, lo: float = GELU_WIDE_RANGE[0],
     for p in (4, 8, 16, 32, 64):
         # (in units of 1e-3, the size of a good fit's error: L-BFGS's tolerances suit O(1) losses)
         minimise(lambda e: _lp_norm(e / 1e-3, p))
+    if not all(math.isfinite(c) for c in num.tolist() + den.tolist()):
+        raise RuntimeError(f"fit_gelu({num_degree}, {den_degree}, {lo}, {hi}) found no finite fit")
     return tuple(num.detach().tolist()), tuple(den.detach().tolist())
 
 

@@ -70,8 +70,14 @@ class PedroAdapterWeights(nn.Module):
 
 def pool(x: torch.Tensor, mask: Optional[torch.Tensor], mode: str,
          query: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """[B, T, d] -> [B, d] over the positions where mask [B, T] is True (all if None); fp32.
+    """[B, T, d] -> [B, d] over the positions where mask [B, T] is True (all if None); fp32,
+    also under torch.autocast (which would run the attention scores in bfloat16 / float16).
     A row without any such position pools to zeros."""
+    with torch.autocast(x.device.type, enabled=False):
+        return _pool(x, mask, mode, query)
+
+
+def _pool(x, mask, mode, query):
     xf = x.float()
     if mask is None:
         mask = torch.ones(x.shape[:2], dtype=torch.bool, device=x.device)

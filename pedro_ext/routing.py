@@ -124,6 +124,11 @@ class PedroCall:
             self.slices[(layer, slot)] = vectors[:, start:end]
 
 
+class _ThreadFlags(threading.local):
+    def __init__(self):
+        self.active = self.prefilled = self.any_adapter = False
+
+
 class StaticRouting:
     """Persistent routing tensors for graph-captured decode steps (one per PedroModel).
 
@@ -138,18 +143,26 @@ class StaticRouting:
 
     def __init__(self):
         self.lock = threading.Lock()
-        self.active = False
-        self.prefilled = False
-        self.any_adapter = False  # the borrowing call has a row with an adapter
+        self.flags = _ThreadFlags()
         self.vectors: Dict[int, torch.Tensor] = {}
 
-    def __getstate__(self):  # (copy / pickle: a lock is neither; a copy gets its own)
+    # The flags are per thread: only the thread running the static-cache call sees them set, so
+    # a compiled call on another thread meanwhile takes its own (eager) routing. Dynamo's guards
+    # read them in the calling thread.
+    active = property(lambda self: self.flags.active,
+                      lambda self, v: setattr(self.flags, "active", v))
+    prefilled = property(lambda self: self.flags.prefilled,
+                         lambda self, v: setattr(self.flags, "prefilled", v))
+    any_adapter = property(lambda self: self.flags.any_adapter,  # the call has an adapter row
+                           lambda self, v: setattr(self.flags, "any_adapter", v))
+
+    def __getstate__(self):  # (copy / pickle: a lock and thread-local flags are neither)
         state = dict(self.__dict__)
-        del state["lock"]
+        del state["lock"], state["flags"]
         return state
 
     def __setstate__(self, state):
-        self.__dict__.update(state, lock=threading.Lock())
+        self.__dict__.update(state, lock=threading.Lock(), flags=_ThreadFlags())
 
     def store(self, layer: int, vectors: torch.Tensor) -> torch.Tensor:
         buf = self.vectors.get(layer)

@@ -320,7 +320,45 @@ def test_compiled_static_call_without_adapter_rows_after_another_batch_size():
                                 cache_implementation="static", compile_config=config), base)
 
 
+def test_a_static_call_on_one_thread_does_not_route_compiled_calls_on_another():
+    """While one thread's static-cache generate holds the model's static routing (here: a call
+    without adapter rows, prefilled), a compiled forward on another thread follows its own
+    adapter_names, not the static call's state."""
+    pedro = _pedro()
+    ids = prompts(batch=2, length=6)
+    names = ["a", "b"]
+    with torch.no_grad():
+        want = pedro(ids, adapter_names=names).logits
+        base = pedro(ids, adapter_names=[None, None]).logits
+    assert not torch.equal(want, base)
+    torch._dynamo.reset()
+    compiled = torch.compile(pedro, backend="aot_eager")
+    holder = pedro._make_call(2, [None, None], None, None, None, reuse=True)
+    got = []
+    with pedro._static.borrowed(holder):
+        pedro._static.prefilled = True  # as after the holder's prefill
+        with torch.no_grad():
+            assert torch.equal(compiled(ids, adapter_names=names).logits, base), \
+                "on the holder's own thread the static state rules (the precondition)"
+            worker = threading.Thread(
+                target=lambda: got.append(compiled(ids, adapter_names=names).logits))
+            worker.start()
+            worker.join()
+    torch.testing.assert_close(got[0], want)
+
+
 # ----------------------------------------------------------------------- autocast
+@pytest.mark.parametrize("mode", ["mean", "last", "max", "attention"])
+def test_pooling_stays_float32_under_autocast(mode):
+    g = torch.Generator().manual_seed(3)
+    x, query = torch.randn(2, 5, 8, generator=g), torch.randn(2, 8, generator=g)
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]], dtype=torch.bool)
+    want = layer_mod.pool(x, mask, mode, query)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = layer_mod.pool(x, mask, mode, query)
+    assert got.dtype == torch.float32 and torch.equal(got, want)
+
+
 @pytest.mark.parametrize("compiled", [False, True])
 def test_autocast_scales_in_the_projections_dtype(compiled):
     """Under torch.autocast (Trainer's bf16 on a float32 model) the projections return bfloat16

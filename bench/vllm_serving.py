@@ -208,7 +208,7 @@ def markdown(report) -> str:
     ]
     names = {"base": "vLLM, base model", "pedro": "vLLM + PEDRO", "lora": "vLLM multi-LoRA"}
     base = res["base"]
-    for v in VARIANTS:
+    for v in (v for v in VARIANTS if v in res):
         d, p = res[v]["decode_tokens_per_s"], res[v]["prefill_ms"]
         lines.append(
             f"| {names[v]} | {d['median']:.0f} ({d['min']:.0f}-{d['max']:.0f}) | "
@@ -244,8 +244,13 @@ def main():
     ap.add_argument("--pedro-r", type=int, default=10)
     ap.add_argument("--lora-rank", type=int, default=8)
     ap.add_argument("--eager", action="store_true", help="enforce_eager (default: compiled)")
+    ap.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS),
+                    help="which engines to run (base always; e.g. base pedro to skip LoRA)")
     ap.add_argument("--table-from", metavar="JSON", help="only rewrite the table of a past run")
     args = ap.parse_args()
+    variants = tuple(v for v in VARIANTS if v in args.variants)
+    if "base" not in variants:
+        ap.error("--variants must include base (every ratio is to it)")
     if args.table_from:
         with open(args.table_from) as f:
             table = markdown(json.load(f))
@@ -271,7 +276,7 @@ def main():
 
     ctx = mp.get_context("spawn")
     procs, conns = {}, {}
-    for variant in VARIANTS:  # one engine at a time starts (compiling), then all stay up
+    for variant in variants:  # one engine at a time starts (compiling), then all stay up
         parent, child = ctx.Pipe()
         procs[variant] = ctx.Process(target=worker, args=(variant, args, os.path.join(work, "pedro"),
                                                           lora_paths, child))
@@ -280,14 +285,15 @@ def main():
         if parent.recv()[0] != "ready":
             raise RuntimeError(f"{variant} engine did not start")
         print(f"{variant} engine ready", flush=True)
-    samples = {v: [] for v in VARIANTS}
+    samples = {v: [] for v in variants}
     first_tokens = {}
     try:
-        for v in VARIANTS:  # warm-up round, not counted
+        for v in variants:  # warm-up round, not counted
             conns[v].send("run")
             first_tokens[v] = conns[v].recv()[1]["tokens"]
         for rnd in range(args.rounds):
-            order = VARIANTS[rnd % 3:] + VARIANTS[:rnd % 3]
+            k = rnd % len(variants)
+            order = variants[k:] + variants[:k]
             for v in order:
                 conns[v].send("run")
                 result = conns[v].recv()[1]
@@ -297,11 +303,11 @@ def main():
                 print(f"round {rnd} {v}: {sum(s['wall_s'] for s in result['steps']):.2f} s wall, "
                       f"{sum(s['cpu_s'] for s in result['steps']):.2f} s CPU", flush=True)
     finally:
-        for v in VARIANTS:
+        for v in procs:
             if procs[v].is_alive():
                 conns[v].send("stop")
                 procs[v].join(timeout=60)
-    for v in ("pedro", "lora"):
+    for v in variants[1:]:
         if first_tokens[v] == first_tokens["base"]:
             raise RuntimeError(f"{v}: the adapters did not change any output (not applied?)")
     rows = summarize(samples, args)

@@ -75,6 +75,8 @@ def fit_gelu(num_degree: int, den_degree: int, lo: float = GELU_WIDE_RANGE[0],
     lowers that stage's loss, so a line search that strays (a huge trial error) cannot leave
     NaN coefficients. float64 throughout; deterministic for a given torch build and thread
     count (BLAS reductions may round differently with another thread count)."""
+    if not (math.isfinite(lo) and math.isfinite(hi) and lo < hi):
+        raise ValueError(f"fit_gelu: the fit range needs finite lo < hi, got [{lo}, {hi}]")
     if stored and (num_degree, den_degree, lo, hi) == (5, 4, *GELU_WIDE_RANGE):
         return GELU_WIDE_NUM, GELU_WIDE_DEN
     z = torch.linspace(lo, hi, 2001, dtype=torch.float64)

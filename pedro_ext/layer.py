@@ -3,6 +3,7 @@ adapter for the ops, pooling and normalisation of the prompt, and the Linear wra
 a module's output with its slice of the current call's vectors."""
 import contextlib
 import math
+import threading
 from typing import List, Optional, Sequence
 
 import torch
@@ -73,6 +74,8 @@ def pool(x: torch.Tensor, mask: Optional[torch.Tensor], mode: str,
     """[B, T, d] -> [B, d] over the positions where mask [B, T] is True (all if None); fp32,
     also under torch.autocast (which would run the attention scores in bfloat16 / float16).
     A row without any such position pools to zeros."""
+    if not torch.amp.is_autocast_available(x.device.type):
+        return _pool(x, mask, mode, query)
     with torch.autocast(x.device.type, enabled=False):
         return _pool(x, mask, mode, query)
 
@@ -234,21 +237,26 @@ def _call_vectors(linear: "PedroLinear", x: torch.Tensor) -> Optional[torch.Tens
 _call_vectors_eager = torch.compiler.disable(_call_vectors)
 
 
-# How compiled graphs scale: traced aten products (the default), or the custom ops as in eager
-# (custom_ops_when_compiled: the benchmark's control). Dynamo guards on it.
-_TRACED_PRODUCTS = True
+class _CompiledScaling(threading.local):
+    """How graphs traced in this thread scale: traced aten products (the default), or the
+    custom ops as in eager (custom_ops_when_compiled: the benchmark's control). Per thread,
+    so a block in one thread changes no other thread's graphs; dynamo guards it."""
+    traced_products = True
+
+
+_COMPILED_SCALING = _CompiledScaling()
 
 
 @contextlib.contextmanager
 def custom_ops_when_compiled():
-    """Within this block graphs traced by torch.compile scale with the pedro_ext custom ops
-    instead of traced products (for bench/compiled_scaling_ab.py, which times the two)."""
-    global _TRACED_PRODUCTS
-    saved, _TRACED_PRODUCTS = _TRACED_PRODUCTS, False
+    """Within this block (this thread) graphs traced by torch.compile scale with the pedro_ext
+    custom ops instead of traced products (for bench/compiled_scaling_ab.py, which times both)."""
+    saved = _COMPILED_SCALING.traced_products
+    _COMPILED_SCALING.traced_products = False
     try:
         yield
     finally:
-        _TRACED_PRODUCTS = saved
+        _COMPILED_SCALING.traced_products = saved
 
 
 def in_dtype_of(y: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -262,7 +270,7 @@ def scale(y: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """y * v per row; in place when nothing needs a gradient (inference). Traced by
     torch.compile, the same product in aten ops (see traced_scale)."""
     v = in_dtype_of(y, v)
-    if torch.compiler.is_compiling() and _TRACED_PRODUCTS:
+    if torch.compiler.is_compiling() and _COMPILED_SCALING.traced_products:
         return traced_scale(y, v)
     if y.requires_grad or v.requires_grad:
         return _OPS["modulate"](y, v, check_ids=False)

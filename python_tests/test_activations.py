@@ -109,3 +109,17 @@ def test_a_minimisation_that_strays_keeps_its_start():
     q = torch.tensor([1.0], **F64, requires_grad=True)
     _minimise([q], lambda: ((q - 3) ** 2).sum())  # and a sane one is kept
     assert abs(q.item() - 3) < 1e-6
+
+
+@pytest.mark.parametrize("lo, hi", [(1.0, 1.0), (2.0, -2.0), (float("nan"), 3.0), (-8.0, float("inf"))])
+def test_fit_gelu_refuses_a_range_that_is_not_finite_and_increasing(lo, hi):
+    with pytest.raises(ValueError, match="finite lo < hi"):
+        fit_gelu(3, 2, lo, hi)
+
+
+def test_fit_gelu_raises_rather_than_return_a_non_finite_fit(monkeypatch):
+    nan_solution = torch.full((7, 1), float("nan"), **F64)
+    monkeypatch.setattr(torch.linalg, "lstsq",
+                        lambda a, b: type("Solution", (), {"solution": nan_solution})())
+    with pytest.raises(RuntimeError, match="no finite fit"):
+        fit_gelu.__wrapped__(4, 2, -7.0, 7.0)

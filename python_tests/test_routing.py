@@ -292,10 +292,29 @@ def test_custom_ops_control_puts_the_ops_in_compiled_graphs():
     with layer_mod.custom_ops_when_compiled():
         got = _gen(pedro, ids, adapter_names=names, cache_implementation="static",
                    compile_config=config)
-    assert layer_mod._TRACED_PRODUCTS
+    assert layer_mod._COMPILED_SCALING.traced_products
     assert torch.equal(got, _gen(pedro, ids, adapter_names=names))
     targets = {str(n.target) for g in graphs for n in g.graph.nodes if n.op == "call_function"}
     assert {"pedro_ext.modulate_.default", "pedro_ext.act_mul_modulate.default"} <= targets
+
+
+def test_custom_ops_control_is_per_thread():
+    inside, release = threading.Event(), threading.Event()
+    seen = []
+
+    def hold():
+        with layer_mod.custom_ops_when_compiled():
+            seen.append(layer_mod._COMPILED_SCALING.traced_products)
+            inside.set()
+            release.wait(10)
+
+    worker = threading.Thread(target=hold)
+    worker.start()
+    inside.wait(10)
+    seen.append(layer_mod._COMPILED_SCALING.traced_products)  # this thread: unchanged
+    release.set()
+    worker.join()
+    assert seen == [False, True] and layer_mod._COMPILED_SCALING.traced_products
 
 
 def test_compiled_static_call_without_adapter_rows_after_another_batch_size():
@@ -338,8 +357,10 @@ def test_a_static_call_on_one_thread_does_not_route_compiled_calls_on_another():
     with pedro._static.borrowed(holder):
         pedro._static.prefilled = True  # as after the holder's prefill
         with torch.no_grad():
-            assert torch.equal(compiled(ids, adapter_names=names).logits, base), \
-                "on the holder's own thread the static state rules (the precondition)"
+            # Precondition, and a known limitation: on the holder's own thread, compiled code
+            # follows the static state (inside HF generate, the only place a static call runs
+            # its steps, no other call can run on that thread meanwhile).
+            assert torch.equal(compiled(ids, adapter_names=names).logits, base)
             worker = threading.Thread(
                 target=lambda: got.append(compiled(ids, adapter_names=names).logits))
             worker.start()
@@ -357,6 +378,11 @@ def test_pooling_stays_float32_under_autocast(mode):
     with torch.autocast("cpu", dtype=torch.bfloat16):
         got = layer_mod.pool(x, mask, mode, query)
     assert got.dtype == torch.float32 and torch.equal(got, want)
+
+
+def test_pooling_works_on_devices_without_autocast():
+    x = torch.empty(2, 5, 8, device="meta")
+    assert layer_mod.pool(x, None, "attention", torch.empty(2, 8, device="meta")).shape == (2, 8)
 
 
 @pytest.mark.parametrize("compiled", [False, True])

@@ -47,8 +47,12 @@ class ScalingAB(ModelBench):
         return super()._summarise(batch, runs, errors, graphs)
 
 
-def paired(runs: dict) -> dict:
-    """Per round: median step of the custom-op graph / median step of the traced one."""
+def paired(runs: dict, rows: list) -> dict:
+    """Per round: median step of the custom-op graph / median step of the traced one; nothing
+    when either side's decode figure was refused by the sanity checks."""
+    refused = {r["method"] for r in rows if r["phase"] == "decode" and r.get("median_ms") is None}
+    if refused & {CONTROL, "pedro"}:
+        return {}
     ratios = [statistics.median(ops[1:]) / statistics.median(traced[1:])
               for ops, traced in zip(runs.get(CONTROL, []), runs.get("pedro", []))]
     if not ratios:
@@ -77,7 +81,8 @@ def main(argv=None):
     ab = ScalingAB(preset, device)
     rows = ab.rows()
     result = dict(machine=machine_info(device), preset=preset.__dict__, rows=rows,
-                  paired={b: paired(r) for b, r in ab.step_rounds.items()},
+                  paired={b: paired(r, [x for x in rows if x["batch_size"] == b])
+                          for b, r in ab.step_rounds.items()},
                   messages=ab.messages, wall_s=time.time() - t0)
     m = result["machine"]
     print(f"{m.get('device_name')} ({m['cpu_count']} CPUs, torch {m['torch']}, "

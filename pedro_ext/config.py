@@ -20,7 +20,6 @@ DEFAULT_TARGET_MODULES = {
 }
 
 
-
 def check_adapter_tensors(tensors: Mapping, shapes: Mapping[str, Tuple[int, ...]], where: str) -> None:
     """A ValueError naming `where` and the tensor unless `tensors` holds exactly the keys of
     `shapes`, each of its shape and finite (an adapter file read by the HF wrapper or vLLM)."""
@@ -40,6 +39,7 @@ def check_adapter_tensors(tensors: Mapping, shapes: Mapping[str, Tuple[int, ...]
         if not t.isfinite().all():
             raise ValueError(f"{where}: {key} holds non-finite values (NaN or inf); the adapter "
                              "would give NaN outputs for its requests")
+
 
 @dataclass
 class PedroConfig:

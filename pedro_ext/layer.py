@@ -259,6 +259,11 @@ def custom_ops_when_compiled():
         _COMPILED_SCALING.traced_products = saved
 
 
+def traced_products() -> bool:
+    """Whether this code is being traced by torch.compile to scale with traced products."""
+    return torch.compiler.is_compiling() and _COMPILED_SCALING.traced_products
+
+
 def in_dtype_of(y: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """v in y's dtype. They differ under torch.autocast (Trainer's bf16 / fp16 on a float32
     model): the projections return the autocast dtype while the vectors follow the float32
@@ -270,7 +275,7 @@ def scale(y: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """y * v per row; in place when nothing needs a gradient (inference). Traced by
     torch.compile, the same product in aten ops (see traced_scale)."""
     v = in_dtype_of(y, v)
-    if torch.compiler.is_compiling() and _COMPILED_SCALING.traced_products:
+    if traced_products():
         return traced_scale(y, v)
     if y.requires_grad or v.requires_grad:
         return _OPS["modulate"](y, v, check_ids=False)

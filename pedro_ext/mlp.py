@@ -5,7 +5,6 @@ scales its own output)."""
 import functools
 from typing import Optional
 
-import torch
 from torch import nn
 
 from . import layer as _layer
@@ -51,7 +50,7 @@ def _fused_forward(mlp: nn.Module, x):
     if v is None:
         return mlp.down_proj(mlp.act_fn(gate) * up)
     v = _layer.in_dtype_of(up, v)
-    if torch.compiler.is_compiling() and _layer._COMPILED_SCALING.traced_products:  # (see layer.traced_scale)
+    if _layer.traced_products():  # one fused inductor kernel (see layer.traced_scale)
         return mlp.down_proj(_layer.traced_scale(mlp.act_fn(gate) * up, v))
     h = _layer._OPS["act_mul_modulate"](gate, up, v, activation=mlp.pedro_activation,
                                         check_ids=False)

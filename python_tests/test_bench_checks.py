@@ -158,3 +158,14 @@ def test_compiled_scaling_ab_times_both_ways_of_scaling_beside_base(tmp_path):
     assert set(decode) == {"base", "pedro", "pedro_custom_ops"}
     assert all(r["median_ms"] > 0 for r in decode.values())
     assert result["paired"]["1"]["n"] == 1 and result["paired"]["1"]["median"] > 0
+
+
+def test_compiled_scaling_ab_pairs_rounds_and_skips_refused_figures():
+    from bench.compiled_scaling_ab import CONTROL, paired
+    runs = {"pedro": [[9.0, 1.0, 1.0, 3.0], [9.0, 2.0, 2.0]], CONTROL: [[9.0, 2.0, 2.0, 1.0],
+                                                                      [9.0, 2.0, 2.0]]}
+    rows = [dict(phase="decode", method=m, median_ms=1.0) for m in ("base", "pedro", CONTROL)]
+    got = paired(runs, rows)
+    assert got["rounds"] == [2.0, 1.0] and got["median"] == 1.5 and got["n"] == 2
+    rows[1]["median_ms"] = None  # pedro's decode figure refused
+    assert paired(runs, rows) == {}

@@ -134,8 +134,10 @@ class PedroLayerBank(nn.Module):
     def invalidate(self):
         self._cache = self._params = None
 
-    def _stack(self, dtype, device):
-        ws = [self.adapters[n] for n in self.order]
+    def _stack(self, dtype, device, indices: Optional[Sequence[int]] = None):
+        """The bank of the adapters at `indices` of `order` (all if None), in that order."""
+        names = self.order if indices is None else [self.order[i] for i in indices]
+        ws = [self.adapters[n] for n in names]
         r = max(w.w_down.shape[1] for w in ws)
         nl = max(w.rat_num.shape[0] for w in ws)
         dl = max(w.rat_den.shape[0] for w in ws)
@@ -159,11 +161,13 @@ class PedroLayerBank(nn.Module):
                                          for w in ws]).to(device=device, dtype=torch.float32)
         return bank
 
-    def stacked(self, dtype, device):
+    def differentiable(self) -> bool:
         # (grad mode first: serving under no_grad never walks the bank's modules)
-        if torch.is_grad_enabled() and any(p.requires_grad for w in self.adapters.values()
-                                           for p in w.parameters()):
-            return self._stack(dtype, device)  # differentiable, rebuilt every call
+        return torch.is_grad_enabled() and any(p.requires_grad for w in self.adapters.values()
+                                               for p in w.parameters())
+
+    def stacked(self, dtype, device):
+        """Every adapter's bank for inference, cached until a weight changes."""
         params = self._params  # one read: another thread may invalidate meanwhile
         if params is None:
             params = self._params = [p for w in self.adapters.values() for p in w.parameters()]
@@ -181,13 +185,21 @@ class PedroLayerBank(nn.Module):
     def compute(self, call: PedroCall, x: torch.Tensor) -> None:
         """This layer's vectors for the call's rows, from the generator input x [rows, T, d]."""
         plan = call.plan(x)
-        bank = self.stacked(x.dtype, x.device)
-        pooled = self._pooled(x, plan, bank)
+        if self.differentiable():
+            # Training stacks the batch's adapters only (rebuilt every call): the backward then
+            # writes gradients for those alone, and the others get none (no decay, no momentum
+            # step), however many adapters the bank holds.
+            bank = self._stack(x.dtype, x.device, plan.used)
+            ids, gather = plan.local_ids, plan.local_gather
+        else:
+            bank = self.stacked(x.dtype, x.device)
+            ids, gather = plan.ids, plan.gather
+        pooled = self._pooled(x, plan, bank, gather)
         if self.training and plan.dropout is not None:
             p = plan.dropout.unsqueeze(1)
             keep = torch.rand_like(pooled) >= p
             pooled = pooled * keep / (1 - p)
-        vectors = _OPS["generate"](pooled.to(x.dtype), plan.ids, *(bank[k] for k in BANK_KEYS),
+        vectors = _OPS["generate"](pooled.to(x.dtype), ids, *(bank[k] for k in BANK_KEYS),
                                    check_ids=False)
         call.store(self.layer, vectors, self.slots)
         self.computations += 1
@@ -201,16 +213,16 @@ class PedroLayerBank(nn.Module):
             out = torch.where(selected.unsqueeze(1), fn(mode), out)
         return out
 
-    def _pooled(self, x, plan: RowPlan, bank):
-        query = bank["att_query"][plan.gather] if "att_query" in bank else None
+    def _pooled(self, x, plan: RowPlan, bank, gather):
+        query = bank["att_query"][gather] if "att_query" in bank else None
         pooled = self._per_group(plan.poolings, lambda mode: pool(x, plan.mask, mode, query),
                                  x.shape[0], x.shape[2], x.device)
         pooled = self._per_group(plan.norms, lambda mode: normalise(pooled, mode),
                                  x.shape[0], x.shape[2], x.device)
         if "norm_weight" in bank:
-            pooled = pooled * bank["norm_weight"][plan.gather]
+            pooled = pooled * bank["norm_weight"][gather]
         if "norm_bias" in bank:
-            pooled = pooled + bank["norm_bias"][plan.gather]
+            pooled = pooled + bank["norm_bias"][gather]
         return pooled
 
 

@@ -53,6 +53,9 @@ class RowPlan:
     for beams / num_return_sequences)."""
     ids: torch.Tensor  # [rows] int64, -1 = base model
     gather: torch.Tensor  # ids clamped at 0, for per-row lookups of optional bank tensors
+    used: List[int]  # the bank indices the rows use, ascending (a training bank stacks these)
+    local_ids: torch.Tensor  # ids as positions in `used` (-1 stays -1)
+    local_gather: torch.Tensor  # local_ids clamped at 0
     mask: Optional[torch.Tensor]  # [rows, T] bool, None = every position
     poolings: List[Tuple[str, Optional[torch.Tensor]]]  # (mode, rows [rows] bool or None = all)
     norms: List[Tuple[str, Optional[torch.Tensor]]]
@@ -108,8 +111,14 @@ class PedroCall:
         dropout = None
         if self.use_dropout:
             dropout = torch.tensor([s.dropout if s else 0.0 for s in settings], device=device)
+        used = sorted({i for i in self.ids_cpu.tolist() if i >= 0})
+        position = {a: j for j, a in enumerate(used)}
+        local_ids = torch.tensor([position.get(i, -1) for i in ids.tolist()], dtype=torch.int64)
         plan = RowPlan(ids=ids.to(device, non_blocking=True),
-                       gather=ids.clamp(min=0).to(device, non_blocking=True), mask=mask,
+                       gather=ids.clamp(min=0).to(device, non_blocking=True), used=used,
+                       local_ids=local_ids.to(device, non_blocking=True),
+                       local_gather=local_ids.clamp(min=0).to(device, non_blocking=True),
+                       mask=mask,
                        poolings=_groups([s and s.pooling for s in settings], device),
                        norms=_groups([s and s.norm for s in settings], device), dropout=dropout)
         self._plans[key] = plan

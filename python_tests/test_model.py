@@ -256,6 +256,46 @@ def test_multi_task_batch_gives_each_adapter_only_its_rows_gradients():
     assert all(torch.all(g == 0) for g in only_a["b"])
 
 
+def test_training_stacks_only_the_batchs_adapters(monkeypatch):
+    """A training step's bank holds the adapters its rows use: the backward writes gradients
+    for those alone (an unused adapter's stay None: no decay, no momentum step), and each used
+    adapter's gradients are the ones it gets in a batch of its own rows (float64)."""
+    from pedro_ext import layer
+    pedro = _three_adapters().double().train()
+    pedro.set_requires_grad(["a", "b", "c"])
+    batch = _lm_batch(batch=4)
+    generate, bank_sizes = layer._OPS["generate"], []
+
+    def recording(pooled, ids, w_down, *rest, **kw):
+        bank_sizes.append(w_down.shape[0])
+        assert ids.max() < w_down.shape[0]
+        return generate(pooled, ids, w_down, *rest, **kw)
+
+    monkeypatch.setitem(layer._OPS, "generate", recording)
+
+    def grads(names):
+        pedro.zero_grad(set_to_none=True)
+        rows = [i for i, n in enumerate(["c", None, "a", "c"]) if n in names or n is None]
+        sub = {k: v[rows] for k, v in batch.items() if k != "labels"}
+        logits = pedro(**sub, adapter_names=[["c", None, "a", "c"][i] for i in rows]).logits
+        logits.pow(2).mean(-1).sum().backward()  # a per-row-additive loss
+        return {n: [p.grad for p in pedro.adapter_parameters(n)] for n in ["a", "b", "c"]}
+
+    mixed = grads({"a", "c"})
+    layers = len(pedro.get_base_model().model.layers)
+    assert bank_sizes == [2] * layers
+    assert all(g is None for g in mixed["b"])
+    for name in ("a", "c"):
+        bank_sizes.clear()
+        alone = grads({name})
+        assert bank_sizes == [1] * layers
+        for x, y in zip(mixed[name], alone[name]):
+            assert (x is None) == (y is None)
+            if x is not None:
+                torch.testing.assert_close(x, y, rtol=1e-10, atol=1e-12)
+        assert any(x is not None and x.abs().sum() > 0 for x in mixed[name])
+
+
 def test_transformers_trainer_trains(tmp_path):
     from torch.utils.data import Dataset
 

@@ -8,8 +8,8 @@ The model folder defaults to SmolLM2-135M-Instruct as pedro_ext.offline.load_smo
 o.load_smollm2()").
 
 Each variant runs in its own process with its own engine (vLLM's default: compiled); the parent
-alternates them round by round, rotating the order, so load on a shared machine hits all three
-alike. A round adds the batch of requests and runs the engine step by step, timing each step
+alternates them round by round, in a balanced order (pedro_ext.bench.timing.round_order), so
+load on a shared machine hits all three alike. A round adds the batch of requests and runs the engine step by step, timing each step
 (wall and this process's CPU time): decode figures are the median step that starts no prompt."""
 import argparse
 import json
@@ -20,6 +20,8 @@ import statistics
 import sys
 import tempfile
 import time
+
+from pedro_ext.bench.timing import round_order
 
 VARIANTS = ("base", "pedro", "lora")
 LORA_TARGETS = ("q_proj", "v_proj", "up_proj")
@@ -292,9 +294,7 @@ def main():
             conns[v].send("run")
             first_tokens[v] = conns[v].recv()[1]["tokens"]
         for rnd in range(args.rounds):
-            k = rnd % len(variants)
-            order = variants[k:] + variants[:k]
-            for v in order:
+            for v in round_order(variants, rnd):
                 conns[v].send("run")
                 result = conns[v].recv()[1]
                 if result["tokens"] != first_tokens[v]:

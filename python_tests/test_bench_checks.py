@@ -169,3 +169,18 @@ def test_compiled_scaling_ab_pairs_rounds_and_skips_refused_figures():
     assert got["rounds"] == [2.0, 1.0] and got["median"] == 1.5 and got["n"] == 2
     rows[1]["median_ms"] = None  # pedro's decode figure refused
     assert paired(runs, rows) == {}
+
+
+@pytest.mark.parametrize("n", range(1, 8))
+def test_round_order_balances_positions_and_predecessors(n):
+    from collections import Counter
+    from pedro_ext.bench.timing import round_order
+    items = [f"m{i}" for i in range(n)]
+    rows = n if n % 2 == 0 else 2 * n
+    orders = [round_order(items, r) for r in range(rows)]
+    assert all(sorted(o) == sorted(items) for o in orders)
+    positions = Counter((o[i], i) for o in orders for i in range(n))
+    assert len(positions) == n * n and len(set(positions.values())) == 1
+    follows = Counter((o[i], o[i + 1]) for o in orders for i in range(n - 1))
+    assert len(follows) == n * (n - 1) and len(set(follows.values())) <= 1
+    assert round_order(items, rows + 3) == orders[3 % rows]  # the design repeats

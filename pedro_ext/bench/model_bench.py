@@ -16,8 +16,8 @@ bench-side code. Each interval also holds HF's per-step bookkeeping (logits proc
 token selection), the same for every method.
 
 Rounds: one untimed warm-up round, then `model_rounds` timed rounds; in each round every
-method runs once, in an order rotated per round, so machine drift hits them alike. Reported:
-median and IQR over all steps of all timed rounds (TPOT) and over rounds (TTFT), and the ratio
+method runs once, in a balanced order (timing.round_order), so machine drift hits them alike.
+Reported: median and IQR over all steps of all timed rounds (TPOT) and over rounds (TTFT), and the ratio
 to base per round. Figures faster than reading the weights once are refused (sanity.py).
 
 All methods share one copy of the base weights: each is a structural copy of the model whose
@@ -41,7 +41,7 @@ from .lora import inject_batched_lora
 from .lora_bgmv import unavailable_reason
 from .presets import Preset
 from .sanity import WeightFloor, refusal
-from .timing import Stats, StepClock
+from .timing import Stats, StepClock, round_order
 
 LORA_TARGETS = ["q_proj", "v_proj"]
 METHODS = ("base", "pedro", "pedro_reference", "lora_bmm", "lora_bgmv", "lora_peft")
@@ -303,8 +303,8 @@ class ModelBench:
         runs = {m: [] for m in methods}  # per timed round: [ttft, steps...]
         graphs = {}
         for rnd in range(1 + self.p.model_rounds):
-            k = rnd % max(1, len(methods))
-            for method in methods[k:] + methods[:k]:
+            # (timed round i runs the design's row i - 1: a full design when rounds = n or 2n)
+            for method in round_order(methods, max(rnd - 1, 0)):
                 if method in errors:
                     continue
                 before, skips_before = _dynamo_graphs(), _cudagraph_skips()

@@ -8,11 +8,12 @@
   the first token (prefill) and the time of every decoding step, measured inside the real
   generate loop of every method alike.
 - `Stats`: median and quartiles of a list of samples; every figure of the benchmark is one.
+- `round_order`: the order in which interleaved rounds run the methods (a balanced design).
 """
 import statistics
 import time
 from dataclasses import asdict, dataclass
-from typing import Callable, List, Sequence
+from typing import Callable, List, Sequence, TypeVar
 
 import torch
 from transformers import StoppingCriteria
@@ -153,3 +154,27 @@ class StepClock(StoppingCriteria):
             s[-1].synchronize()
             return [a.elapsed_time(b) for a, b in zip(s, s[1:])]
         return [(b - a) * 1e3 for a, b in zip(s, s[1:])]
+
+
+T = TypeVar("T")
+
+
+def round_order(items: Sequence[T], rnd: int) -> List[T]:
+    """The order of round `rnd` in a Williams design (a balanced Latin square): over every
+    n rounds (2n for an odd number n of items) each item runs in each position equally often
+    and directly after each other item equally often, so neither a position in the round nor
+    the method that ran just before (a warm or evicted cache, a throttled core) favours one
+    method. Plain cyclic rotation balances positions only: there each method runs right
+    after the same neighbour in n - 1 of n rounds."""
+    n = len(items)
+    if n <= 1:
+        return list(items)
+    first = [0]
+    for j in range(1, n):  # 0, 1, n-1, 2, n-2, ...
+        first.append((j + 1) // 2 if j % 2 else n - j // 2)
+    rows = n if n % 2 == 0 else 2 * n
+    row = rnd % rows
+    order = [(i + row % n) % n for i in first]
+    if row >= n:  # odd n: the second half reverses the first
+        order.reverse()
+    return [items[i] for i in order]

@@ -5,6 +5,7 @@ scales its own output)."""
 import functools
 from typing import Optional
 
+import torch
 from torch import nn
 
 from . import layer as _layer
@@ -45,13 +46,13 @@ def unfuse(mlp: nn.Module) -> None:
 def _fused_forward(mlp: nn.Module, x):
     """down(act(gate(x)) * up(x) * l_u), scaling U inside the activation product."""
     up_proj = mlp.up_proj
-    v = up_proj.vectors(x)
-    gate, up = mlp.gate_proj(x), up_proj.base_layer(x)
+    compiling = torch.compiler.is_compiling()
+    v = up_proj.vectors(x) if compiling else _layer._call_vectors(up_proj, x)
+    gate, up = mlp.gate_proj(x), _layer.base_output(up_proj.base_layer, x)
     if v is None:
         return mlp.down_proj(mlp.act_fn(gate) * up)
     v = _layer.in_dtype_of(up, v)
-    if _layer.traced_products():  # one fused inductor kernel (see layer.traced_scale)
+    if compiling and _layer.traced_products():  # one fused inductor kernel (layer.traced_scale)
         return mlp.down_proj(_layer.traced_scale(mlp.act_fn(gate) * up, v))
-    h = _layer._OPS["act_mul_modulate"](gate, up, v, activation=mlp.pedro_activation,
-                                        check_ids=False)
+    h = _layer._OPS["act_mul_modulate"](gate, up, v, None, mlp.pedro_activation, False)
     return mlp.down_proj(h)

@@ -206,6 +206,55 @@ def test_inference_scales_in_place_and_training_does_not(monkeypatch):
     assert "modulate_" not in calls and calls.count("modulate") == 2 * len(pedro.banks)
 
 
+def _base_layers(pedro):
+    return [m.base_layer for m in pedro.modules() if isinstance(m, layer_mod.PedroLinear)]
+
+
+@pytest.mark.parametrize("how", ["hook", "global hook", "subclass", "forward replaced"])
+def test_wrapped_linears_keep_their_hooks_and_subclasses(how):
+    """Eager PEDRO layers evaluate a plain, unhooked base Linear as F.linear (cheaper than the
+    module call); whatever else a user put on a base layer still runs, and its effect shows."""
+    pedro = _pedro()
+    ids = prompts()
+    with torch.no_grad():
+        expected = pedro(ids, adapter_names=["a", "b", "c"]).logits
+    seen = []
+
+    def hook(module, args, output):
+        if isinstance(module, torch.nn.Linear) and module in targets:
+            seen.append(module)
+            return output * 2
+
+    targets = _base_layers(pedro)
+    undo = []
+    if how == "hook":
+        undo = [m.register_forward_hook(hook) for m in targets]
+    elif how == "global hook":
+        undo = [torch.nn.modules.module.register_module_forward_hook(hook)]
+    elif how == "subclass":
+        class Doubled(torch.nn.Linear):
+            def forward(self, x):
+                seen.append(self)
+                return super().forward(x) * 2
+        for m in targets:
+            m.__class__ = Doubled
+    else:
+        for m in targets:
+            m.forward = lambda x, _m=m: (seen.append(_m), torch.nn.Linear.forward(_m, x) * 2)[1]
+    try:
+        with torch.no_grad():
+            got = pedro(ids, adapter_names=["a", "b", "c"]).logits
+    finally:
+        for h in undo:
+            h.remove()
+    assert {id(m) for m in seen} == {id(m) for m in targets}
+    assert not torch.allclose(got, expected)
+    with torch.no_grad():
+        if how in ("hook", "global hook"):  # removed: the cheap path again, same logits
+            torch.testing.assert_close(pedro(ids, adapter_names=["a", "b", "c"]).logits,
+                                       expected, rtol=0, atol=0)
+
+
 def test_fused_mlp_matches_the_unfused_path_and_unloads():
     pedro = _pedro()
     mlps = [layer.mlp for layer in pedro.get_base_model().model.layers]

@@ -2,10 +2,11 @@
 
 Per step (the runner hook, on the host): the planner gives every token the vector-buffer row of
 its request and lists the requests whose prompts this step computes; both are written in place
-into persistent buffers. Per layer (inside the model, compiled or eager): refresh_vectors fills
-the listed requests' rows from their pooled prompts, then pedro_ext.modulate scales the fused
-qkv and gate_up outputs by each token's row. Nothing the graph reads is Python state, so the
-compiled model follows every step's routing.
+into persistent buffers (the list also into a host copy, from which refresh_vectors decides, so
+no step waits for the device). Per layer (inside the model, compiled or eager): refresh_vectors
+fills the listed requests' rows from their pooled prompts, then pedro_ext.modulate scales the
+fused qkv and gate_up outputs by each token's row. Nothing the graph reads is Python state, so
+the compiled model follows every step's routing.
 
 The forward code of LlamaAttention / LlamaMLP is repeated here with the two scaling calls added;
 it matches the pinned vLLM version (see SUPPORTED_VLLM_VERSION)."""
@@ -42,7 +43,14 @@ class PedroStepState(nn.Module):
                              persistent=False)
         self.register_buffer("plan", torch.zeros(num_slots, PLAN_COLUMNS, dtype=torch.int64),
                              persistent=False)
-        self.register_buffer("plan_count", torch.zeros(1, dtype=torch.int64), persistent=False)
+        # The plan's host copy, its row count and the adapters' modes stay on the CPU (plain
+        # attributes, not buffers: a move of the model leaves them there): refresh_vectors
+        # decides from them, so no step waits for the device.
+        # (device="cpu" explicitly: vLLM builds the model under a default device)
+        self.plan_host = torch.zeros(num_slots, PLAN_COLUMNS, dtype=torch.int64, device="cpu")
+        self.plan_count = torch.zeros(1, dtype=torch.int64, device="cpu")
+        self.pooling_codes = bank.pooling_codes.to("cpu", copy=True)
+        self.norm_codes = bank.norm_codes.to("cpu", copy=True)
         self._planned_tokens: Optional[int] = None  # set by prepare, consumed by the forward
         self.steps = 0  # forwards routed by the runner hook
         self.unrouted_forwards = 0  # dummy / profiling forwards (every token on the base row)
@@ -64,7 +72,8 @@ class PedroStepState(nn.Module):
         self.token_rows[:num_tokens].copy_(torch.from_numpy(step.token_rows))
         count = len(step.plan)
         if count:
-            self.plan[:count].copy_(torch.from_numpy(step.plan))
+            self.plan_host[:count].copy_(torch.from_numpy(step.plan))
+            self.plan[:count].copy_(self.plan_host[:count])
         self.plan_count.fill_(count)
         self._planned_tokens = num_tokens
         self.steps += 1
@@ -102,8 +111,6 @@ class PedroLayerVectors(nn.Module):
         self.step = step
         for key, tensor in bank.layer_tensors(layer, dtype).items():
             self.register_buffer(key, tensor, persistent=False)
-        self.register_buffer("pooling_codes", bank.pooling_codes.clone(), persistent=False)
-        self.register_buffer("norm_codes", bank.norm_codes.clone(), persistent=False)
         self.register_buffer("vec_qkv", torch.ones(num_slots + 1, dims.q_size + 2 * dims.kv_size,
                                                    dtype=dtype), persistent=False)
         self.register_buffer("vec_gu", torch.ones(num_slots + 1, 2 * dims.intermediate_size,
@@ -111,10 +118,11 @@ class PedroLayerVectors(nn.Module):
 
     def refresh(self, hidden_states: torch.Tensor) -> None:
         step = self.step
-        refresh_vectors(hidden_states, step.plan, step.plan_count, self.pooling_codes,
-                        self.norm_codes, self.w_down, self.b_down, self.rat_num, self.rat_den,
-                        self.w_up, self.b_up, self.att_query, self.norm_weight, self.norm_bias,
-                        self.vec_qkv, self.vec_gu, self.q_size, self.kv_size)
+        refresh_vectors(hidden_states, step.plan, step.plan_host, step.plan_count,
+                        step.pooling_codes, step.norm_codes, self.w_down, self.b_down,
+                        self.rat_num, self.rat_den, self.w_up, self.b_up, self.att_query,
+                        self.norm_weight, self.norm_bias, self.vec_qkv, self.vec_gu, self.q_size,
+                        self.kv_size)
 
     def _rows(self, x: torch.Tensor) -> torch.Tensor:
         return self.step.token_rows[:x.shape[0]]

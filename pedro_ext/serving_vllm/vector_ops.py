@@ -13,18 +13,19 @@ from .step_plan import PLAN_ADAPTER, PLAN_LENGTH, PLAN_SLOT, PLAN_START
 
 
 @torch.library.custom_op("pedro_serving::refresh_vectors", mutates_args=("vec_qkv", "vec_gu"))
-def refresh_vectors(x: Tensor, plan: Tensor, plan_count: Tensor, pooling_codes: Tensor,
-                    norm_codes: Tensor, w_down: Tensor, b_down: Tensor, rat_num: Tensor,
-                    rat_den: Tensor, w_up: Tensor, b_up: Tensor, att_query: Tensor,
-                    norm_weight: Tensor, norm_bias: Tensor, vec_qkv: Tensor, vec_gu: Tensor,
-                    q_size: int, kv_size: int) -> None:
+def refresh_vectors(x: Tensor, plan: Tensor, plan_host: Tensor, plan_count: Tensor,
+                    pooling_codes: Tensor, norm_codes: Tensor, w_down: Tensor, b_down: Tensor,
+                    rat_num: Tensor, rat_den: Tensor, w_up: Tensor, b_up: Tensor,
+                    att_query: Tensor, norm_weight: Tensor, norm_bias: Tensor, vec_qkv: Tensor,
+                    vec_gu: Tensor, q_size: int, kv_size: int) -> None:
     """Compute the vectors of the requests whose prompts this step processes, into their rows.
 
     Semantics:
         x [S, d]: the step's packed generator inputs (q_proj's input, every token of the batch)
-        plan [R, 4] int64, plan_count [1]: rows (slot, adapter, start, length) for i < count
-        pooling_codes [N]: each adapter's pooling mode (index into config.POOLING_MODES)
-        norm_codes [N]: each adapter's pool_norm (index into config.POOL_NORMS)
+        plan [R, 4] int64 on x's device, plan_host: the same rows on the CPU, plan_count [1]
+            on the CPU: rows (slot, adapter, start, length) for i < count
+        pooling_codes [N], norm_codes [N] on the CPU: each adapter's pooling mode and pool_norm
+            (indices into config.POOLING_MODES / config.POOL_NORMS)
         bank: w_down [N, d, r] ... att_query [N, d] (pedro_ext.generate's layout),
               norm_weight [N, d], norm_bias [N, d] (ones / zeros without an affine norm)
         vec_qkv [R+1, q + 2 kv], vec_gu [R+1, 2 I]: vector rows, updated in place
@@ -34,26 +35,41 @@ def refresh_vectors(x: Tensor, plan: Tensor, plan_count: Tensor, pooling_codes: 
             l = generate(p, a, bank)                       # [q + kv + I] = [l_q | l_v | l_u]
             vec_qkv[slot, :q] = l_q; vec_qkv[slot, q + kv:] = l_v; vec_gu[slot, I:] = l_u
     The K and gate columns keep their ones, so scaling the fused qkv / gate_up outputs by these
-    rows scales exactly Q, V and up.
+    rows scales exactly Q, V and up. Every decision (the count, the longest prompt, the modes
+    present) reads the host tensors: no value of a device tensor is read, so a step, decode-only
+    or not, costs no host sync on a GPU.
     """
+    _refresh(x, plan, plan_host, plan_count, pooling_codes, norm_codes, w_down, b_down, rat_num,
+             rat_den, w_up, b_up, att_query, norm_weight, norm_bias, vec_qkv, vec_gu, q_size,
+             kv_size)
+
+
+def _refresh(x, plan, plan_host, plan_count, pooling_codes, norm_codes, w_down, b_down, rat_num,
+             rat_den, w_up, b_up, att_query, norm_weight, norm_bias, vec_qkv, vec_gu, q_size,
+             kv_size) -> None:
+    """refresh_vectors' body (a plain function: the tests run it on the meta device, where the
+    op itself would dispatch to its fake kernel)."""
     count = int(plan_count[0])
     if count == 0:  # decode-only step: nothing to compute
         return
-    rows = plan[:count]
+    rows, rows_host = plan[:count], plan_host[:count]
     slots, adapters = rows[:, PLAN_SLOT], rows[:, PLAN_ADAPTER]
     starts, lengths = rows[:, PLAN_START], rows[:, PLAN_LENGTH]
-    longest = int(lengths.max())
+    longest = int(rows_host[:, PLAN_LENGTH].max())
     steps = torch.arange(longest, device=x.device)
     mask = steps.unsqueeze(0) < lengths.unsqueeze(1)  # [count, longest]
     # Padded positions repeat the prompt's last token (finite), and the mask drops them.
     index = starts.unsqueeze(1) + torch.minimum(steps.unsqueeze(0), lengths.unsqueeze(1) - 1)
     prompts = x[index]  # [count, longest, d]
     queries = att_query[adapters]
-    pooled = _per_code(pooling_codes[adapters], POOLING_MODES,
+    adapters_host = rows_host[:, PLAN_ADAPTER]
+    pooled = _per_code(pooling_codes[adapters_host], POOLING_MODES, x.device,
                        lambda mode: pool(prompts, mask, mode, queries))
-    pooled = _per_code(norm_codes[adapters], POOL_NORMS, lambda mode: normalise(pooled, mode))
+    pooled = _per_code(norm_codes[adapters_host], POOL_NORMS, x.device,
+                       lambda mode: normalise(pooled, mode))
     pooled = pooled * norm_weight[adapters] + norm_bias[adapters]
-    vectors = generate(pooled.to(x.dtype), adapters, w_down, b_down, rat_num, rat_den, w_up, b_up)
+    vectors = generate(pooled.to(x.dtype), adapters, w_down, b_down, rat_num, rat_den, w_up, b_up,
+                       check_ids=False)  # (the planner's ids, valid by construction)
     inter = vec_gu.shape[1] // 2
     vec_qkv[slots, :q_size] = vectors[:, :q_size]
     vec_qkv[slots, q_size + kv_size:] = vectors[:, q_size:q_size + kv_size]
@@ -61,19 +77,20 @@ def refresh_vectors(x: Tensor, plan: Tensor, plan_count: Tensor, pooling_codes: 
 
 
 @refresh_vectors.register_fake
-def _(x, plan, plan_count, pooling_codes, norm_codes, w_down, b_down, rat_num, rat_den, w_up,
-      b_up, att_query, norm_weight, norm_bias, vec_qkv, vec_gu, q_size, kv_size):
+def _(x, plan, plan_host, plan_count, pooling_codes, norm_codes, w_down, b_down, rat_num, rat_den,
+      w_up, b_up, att_query, norm_weight, norm_bias, vec_qkv, vec_gu, q_size, kv_size):
     return None
 
 
-def _per_code(codes: Tensor, modes, fn) -> Tensor:
-    """fn(mode) for each request with its adapter's mode (codes index modes): [P, d] fp32."""
+def _per_code(codes: Tensor, modes, device, fn) -> Tensor:
+    """fn(mode) for each request with its adapter's mode (codes: on the host, index modes):
+    [P, d] fp32."""
     present = sorted(set(codes.tolist()))
     if len(present) == 1:
         return fn(modes[present[0]])
     out: Optional[Tensor] = None
     for code in present:
-        chosen = (codes == code).unsqueeze(1)
+        chosen = (codes == code).to(device, non_blocking=True).unsqueeze(1)
         value = fn(modes[code])
         out = torch.where(chosen, value, out if out is not None else torch.zeros_like(value))
     return out

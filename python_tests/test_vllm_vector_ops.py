@@ -77,3 +77,10 @@ def test_refresh_reads_no_value_of_a_device_tensor():
         int(args[1][0, 0])  # the check can fail: reading a device value raises here
     _refresh(*args)  # (the op's body: the op itself would dispatch to its fake kernel on meta)
     assert args[15].device.type == "meta"
+
+
+def test_opcheck():
+    """Schema (its declared mutations), fake kernel and torch.compile's view of the op agree
+    with the real kernel."""
+    args, _ = _case()
+    torch.library.opcheck(torch.ops.pedro_serving.refresh_vectors.default, args)

@@ -385,7 +385,10 @@ class PedroModel(PreTrainedModel):
 
     def set_requires_grad(self, adapter_names: Union[str, Sequence[str]],
                           requires_grad: bool = True) -> None:
-        """Enable or disable gradients of the given adapter(s) (peft's set_requires_grad)."""
+        """Enable or disable gradients of the given adapter(s) (peft's set_requires_grad).
+        Training several adapters on mixed batches: a step gives gradients only to the adapters
+        its rows use (the others' stay None, as in peft), so under DistributedDataParallel pass
+        find_unused_parameters=True (and no static_graph)."""
         names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
         for n in names:
             self._require(n)

@@ -296,6 +296,48 @@ def test_training_stacks_only_the_batchs_adapters(monkeypatch):
         assert any(x is not None and x.abs().sum() > 0 for x in mixed[name])
 
 
+def test_mixed_batch_training_under_ddp_with_unused_adapters(tmp_path):
+    """Steps that use different subsets of the trainable adapters, under DistributedDataParallel
+    (gloo, one rank, find_unused_parameters=True as set_requires_grad's docstring says): every
+    step reduces, and the gradients are the unwrapped model's."""
+    import torch.distributed as dist
+    if dist.is_initialized():
+        pytest.skip("a process group is already initialised in this process")
+    batch = _lm_batch(batch=4)
+    steps = [["c", None, "a", "c"], ["b", "b", None, "a"], ["a", "a", "a", "a"]]
+
+    def grads_per_step(wrap):
+        pedro = _three_adapters().double().train()
+        pedro.set_requires_grad(["a", "b", "c"])
+        model = wrap(pedro)
+        out = []
+        for names in steps:
+            pedro.zero_grad(set_to_none=True)
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                           adapter_names=names).logits
+            logits.pow(2).mean().backward()
+            out.append({n: [None if p.grad is None else p.grad.clone()
+                            for p in pedro.adapter_parameters(n)] for n in "abc"})
+        return out
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/store", rank=0, world_size=1)
+    try:
+        wrapped = grads_per_step(lambda m: torch.nn.parallel.DistributedDataParallel(
+            m, find_unused_parameters=True))
+    finally:
+        dist.destroy_process_group()
+    plain = grads_per_step(lambda m: m)
+    for names, w, p in zip(steps, wrapped, plain):
+        for n in "abc":
+            if n not in names:
+                assert all(g is None for g in p[n])
+            for x, y in zip(w[n], p[n]):
+                if y is None:
+                    assert x is None or not x.any()  # DDP may hand unused parameters zeros
+                else:
+                    torch.testing.assert_close(x, y, rtol=1e-10, atol=1e-12)
+
+
 def test_transformers_trainer_trains(tmp_path):
     from torch.utils.data import Dataset
 

@@ -210,8 +210,9 @@ def _base_layers(pedro):
     return [m.base_layer for m in pedro.modules() if isinstance(m, layer_mod.PedroLinear)]
 
 
-@pytest.mark.parametrize("how", ["hook", "global hook", "subclass", "forward replaced"])
-def test_wrapped_linears_keep_their_hooks_and_subclasses(how):
+@pytest.mark.parametrize("how", ["hook", "global hook", "subclass", "forward replaced",
+                                 "class forward replaced"])
+def test_wrapped_linears_keep_their_hooks_and_subclasses(how, monkeypatch):
     """Eager PEDRO layers evaluate a plain, unhooked base Linear as F.linear (cheaper than the
     module call); whatever else a user put on a base layer still runs, and its effect shows."""
     pedro = _pedro()
@@ -238,9 +239,13 @@ def test_wrapped_linears_keep_their_hooks_and_subclasses(how):
                 return super().forward(x) * 2
         for m in targets:
             m.__class__ = Doubled
-    else:
+    elif how == "forward replaced":
         for m in targets:
             m.forward = lambda x, _m=m: (seen.append(_m), torch.nn.Linear.forward(_m, x) * 2)[1]
+    else:
+        plain = torch.nn.Linear.forward
+        monkeypatch.setattr(torch.nn.Linear, "forward", lambda self, x: (
+            seen.append(self) if self in targets else None, plain(self, x) * 2)[1])
     try:
         with torch.no_grad():
             got = pedro(ids, adapter_names=["a", "b", "c"]).logits

@@ -34,7 +34,8 @@ def main(argv=None):
                     help="model-level batch sizes (default: the preset's)")
     ap.add_argument("--rounds", type=int, default=None,
                     help="model-level interleaved timed rounds (default: the preset's); more "
-                         "rounds narrow the ratio's range on a noisy machine")
+                         "rounds narrow the ratio's range on a noisy machine; a multiple of the "
+                         "number of methods (twice it when odd) completes the balanced order")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     ap.add_argument("--time-limit", type=float, default=None, metavar="SECONDS",
                     help="start no new batch size / configuration after this many seconds "

@@ -165,7 +165,8 @@ def round_order(items: Sequence[T], rnd: int) -> List[T]:
     and directly after each other item equally often, so neither a position in the round nor
     the method that ran just before (a warm or evicted cache, a throttled core) favours one
     method. Plain cyclic rotation balances positions only: there each method runs right
-    after the same neighbour in n - 1 of n rounds."""
+    after the same neighbour in n - 1 of n rounds. A number of rounds that is not a multiple
+    of the design's length balances only approximately."""
     n = len(items)
     if n <= 1:
         return list(items)

@@ -3,7 +3,7 @@
 Per step (the runner hook, on the host): the planner gives every token the vector-buffer row of
 its request and lists the requests whose prompts this step computes; both are written in place
 into persistent buffers (the list also into a host copy, from which refresh_vectors decides, so
-no step waits for the device). Per layer (inside the model, compiled or eager): refresh_vectors
+no layer waits for the device). Per layer (inside the model, compiled or eager): refresh_vectors
 fills the listed requests' rows from their pooled prompts, then pedro_ext.modulate scales the
 fused qkv and gate_up outputs by each token's row. Nothing the graph reads is Python state, so
 the compiled model follows every step's routing.
@@ -45,7 +45,8 @@ class PedroStepState(nn.Module):
                              persistent=False)
         # The plan's host copy, its row count and the adapters' modes stay on the CPU (plain
         # attributes, not buffers: a move of the model leaves them there): refresh_vectors
-        # decides from them, so no step waits for the device.
+        # decides from them, so no layer waits for the device (the step's routing is copied
+        # to the device once, in prepare).
         # (device="cpu" explicitly: vLLM builds the model under a default device)
         self.plan_host = torch.zeros(num_slots, PLAN_COLUMNS, dtype=torch.int64, device="cpu")
         self.plan_count = torch.zeros(1, dtype=torch.int64, device="cpu")

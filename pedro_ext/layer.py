@@ -264,13 +264,22 @@ _COMPILED_SCALING = _CompiledScaling()
 @contextlib.contextmanager
 def custom_ops_when_compiled():
     """Within this block (this thread) graphs traced by torch.compile scale with the pedro_ext
-    custom ops instead of traced products (for bench/compiled_scaling_ab.py, which times both)."""
+    custom ops instead of traced products (for bench/compiled_scaling_ab.py, which times both).
+    Needs torch >= 2.13: older dynamo (seen with 2.11) reads the class default of a
+    threading.local attribute while tracing, so the block would silently change nothing."""
+    if _torch_release() < (2, 13):
+        raise RuntimeError(f"pedro_ext.layer.custom_ops_when_compiled needs torch >= 2.13, found "
+                           f"{torch.__version__}: its dynamo would not see the switch")
     saved = _COMPILED_SCALING.traced_products
     _COMPILED_SCALING.traced_products = False
     try:
         yield
     finally:
         _COMPILED_SCALING.traced_products = saved
+
+
+def _torch_release() -> tuple:
+    return tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2])
 
 
 def traced_products() -> bool:

@@ -326,7 +326,13 @@ def test_compiled_static_cache_decode_follows_each_calls_adapters():
 
 def test_custom_ops_control_puts_the_ops_in_compiled_graphs():
     """bench/compiled_scaling_ab.py's control really runs the custom ops inside the graph, with
-    the same tokens."""
+    the same tokens (torch >= 2.13; older torch is refused: on 2.11 the switch was silently
+    ignored by dynamo)."""
+    if layer_mod._torch_release() < (2, 13):
+        with pytest.raises(RuntimeError, match="needs torch >= 2.13"):
+            with layer_mod.custom_ops_when_compiled():
+                pass
+        return
     from torch._dynamo.backends.common import aot_autograd
     from functorch.compile import nop
     from transformers import CompileConfig
@@ -352,6 +358,8 @@ def test_custom_ops_control_puts_the_ops_in_compiled_graphs():
     assert {"pedro_ext.modulate_.default", "pedro_ext.act_mul_modulate.default"} <= targets
 
 
+@pytest.mark.skipif(layer_mod._torch_release() < (2, 13),
+                    reason="the control is refused before torch 2.13 (tested above)")
 def test_custom_ops_control_is_per_thread():
     inside, release = threading.Event(), threading.Event()
     seen = []

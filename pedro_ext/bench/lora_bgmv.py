@@ -76,8 +76,10 @@ if triton is not None:
         x_row = x_ptr + row * stride_xm
         a_mat = a_ptr + adapter * stride_an
         acc = tl.zeros((BLOCK_R,), dtype=tl.float32)
-        for k0 in range(k_start, k_end, BLOCK_K):
-            offs_k = k0 + tl.arange(0, BLOCK_K)
+        # (bounds a plain argument: the Triton interpreter of torch 2.11's image cannot take a
+        # computed scalar as a range bound; the last split's steps past K are masked)
+        for k0 in range(0, k_per_split, BLOCK_K):
+            offs_k = k_start + k0 + tl.arange(0, BLOCK_K)
             k_ok = offs_k < k_end
             x = tl.load(x_row + offs_k, mask=k_ok, other=0.0).to(tl.float32)
             a = tl.load(a_mat + offs_k[:, None] * stride_ak + offs_r[None, :] * stride_ar,

@@ -192,8 +192,8 @@ class PedroLayerBank(nn.Module):
             # Training stacks the batch's adapters only (rebuilt every call): the backward then
             # writes gradients for those alone, and the others get none (no decay, no momentum
             # step), however many adapters the bank holds.
-            bank = self._stack(x.dtype, x.device, plan.used)
-            ids, gather = plan.local_ids, plan.local_gather
+            used, ids, gather = plan.local
+            bank = self._stack(x.dtype, x.device, used)
         else:
             bank = self.stacked(x.dtype, x.device)
             ids, gather = plan.ids, plan.gather

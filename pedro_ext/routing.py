@@ -16,6 +16,7 @@ them as graph inputs, guarded by the `active` / `prefilled` flags.
 """
 import contextlib
 import contextvars
+import functools
 import threading
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -53,13 +54,22 @@ class RowPlan:
     for beams / num_return_sequences)."""
     ids: torch.Tensor  # [rows] int64, -1 = base model
     gather: torch.Tensor  # ids clamped at 0, for per-row lookups of optional bank tensors
-    used: List[int]  # the bank indices the rows use, ascending (a training bank stacks these)
-    local_ids: torch.Tensor  # ids as positions in `used` (-1 stays -1)
-    local_gather: torch.Tensor  # local_ids clamped at 0
+    ids_host: torch.Tensor  # ids on the CPU
     mask: Optional[torch.Tensor]  # [rows, T] bool, None = every position
     poolings: List[Tuple[str, Optional[torch.Tensor]]]  # (mode, rows [rows] bool or None = all)
     norms: List[Tuple[str, Optional[torch.Tensor]]]
     dropout: Optional[torch.Tensor]  # [rows] rates, None = no dropout
+
+    @functools.cached_property
+    def local(self) -> Tuple[List[int], torch.Tensor, torch.Tensor]:
+        """(used, local_ids, local_gather) for a training bank that stacks only the adapters
+        the rows use: their bank indices ascending, the ids as positions in that list (-1
+        stays -1) and those clamped at 0. Computed on first use: serving never needs them."""
+        used = torch.unique(self.ids_host[self.ids_host >= 0])  # sorted
+        local = torch.where(self.ids_host < 0, -1, torch.searchsorted(used, self.ids_host))
+        device = self.ids.device
+        return (used.tolist(), local.to(device, non_blocking=True),
+                local.clamp(min=0).to(device, non_blocking=True))
 
 
 def _groups(values: Sequence[Optional[str]], device) -> List[Tuple[str, Optional[torch.Tensor]]]:
@@ -111,13 +121,8 @@ class PedroCall:
         dropout = None
         if self.use_dropout:
             dropout = torch.tensor([s.dropout if s else 0.0 for s in settings], device=device)
-        used = sorted({i for i in self.ids_cpu.tolist() if i >= 0})
-        position = {a: j for j, a in enumerate(used)}
-        local_ids = torch.tensor([position.get(i, -1) for i in ids.tolist()], dtype=torch.int64)
         plan = RowPlan(ids=ids.to(device, non_blocking=True),
-                       gather=ids.clamp(min=0).to(device, non_blocking=True), used=used,
-                       local_ids=local_ids.to(device, non_blocking=True),
-                       local_gather=local_ids.clamp(min=0).to(device, non_blocking=True),
+                       gather=ids.clamp(min=0).to(device, non_blocking=True), ids_host=ids,
                        mask=mask,
                        poolings=_groups([s and s.pooling for s in settings], device),
                        norms=_groups([s and s.norm for s in settings], device), dropout=dropout)

@@ -296,6 +296,26 @@ def test_training_stacks_only_the_batchs_adapters(monkeypatch):
         assert any(x is not None and x.abs().sum() > 0 for x in mixed[name])
 
 
+def test_serving_never_builds_the_training_banks_ids(monkeypatch):
+    """The batch-only bank's remapped ids are training's: an inference call never computes
+    them (no work, no host-to-device copies), a training call does."""
+    from pedro_ext import routing
+
+    def refuse(plan):
+        raise AssertionError("RowPlan.local computed")
+
+    monkeypatch.setattr(routing.RowPlan, "local", property(refuse))
+    pedro = _three_adapters()
+    batch = _lm_batch(batch=3)
+    inputs = dict(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                  adapter_names=["a", None, "c"])
+    with torch.no_grad():
+        pedro(**inputs)
+    pedro.set_requires_grad(["a", "c"])
+    with pytest.raises(AssertionError, match="RowPlan.local computed"):
+        pedro.train()(**inputs)
+
+
 def test_mixed_batch_training_under_ddp_with_unused_adapters(tmp_path):
     """Steps that use different subsets of the trainable adapters, under DistributedDataParallel
     (gloo, one rank, find_unused_parameters=True as set_requires_grad's docstring says): every

@@ -17,8 +17,8 @@ token selection), the same for every method.
 
 Rounds: one untimed warm-up round, then `model_rounds` timed rounds; in each round every
 method runs once, in a balanced order (timing.round_order), so machine drift hits them alike.
-Reported: median and IQR over all steps of all timed rounds (TPOT) and over rounds (TTFT), and the ratio
-to base per round. Figures faster than reading the weights once are refused (sanity.py).
+Reported: median and IQR over all steps of all timed rounds (TPOT) and over rounds (TTFT), and
+the ratio to base per round. Figures faster than reading the weights once are refused (sanity.py).
 
 All methods share one copy of the base weights: each is a structural copy of the model whose
 parameters are the same tensors, wrapped once for the whole run (PEDRO, peft LoRA, batched

@@ -234,16 +234,27 @@ _OUTSIDE_CALL = (
     "PedroModel.gradient_checkpointing_enable, which makes the recomputation re-enter its call.")
 
 
-def _call_vectors(linear: "PedroLinear", x: torch.Tensor) -> Optional[torch.Tensor]:
+def _call_vectors(linear: "PedroLinear", x: torch.Tensor,
+                  call: Optional[PedroCall] = None) -> Optional[torch.Tensor]:
     """The module's slice of the current call's vectors (None: every row is the base model),
     computed by the layer's source module when this call has none for the layer yet."""
-    call = current_call()
     if call is None:
-        raise RuntimeError(_OUTSIDE_CALL)
+        call = current_call()
+        if call is None:
+            raise RuntimeError(_OUTSIDE_CALL)
     if linear.is_source and call.any_adapter and (not call.reuse
                                                   or linear.layer not in call.vectors):
         linear.pedro_bank.compute(call, x)
     return call.slices.get(linear.key)
+
+
+def settled(call: PedroCall, layer: int, y: torch.Tensor, v: Optional[torch.Tensor]) -> bool:
+    """Whether a module may fix its arguments for the rest of this call (PedroCall.prepared):
+    a generate call, whose vectors are computed once and reused, already holds this layer's
+    (or needs none), and nothing needs a gradient. Its base Linear, hooks, weights and the op
+    implementations are then read once per call, not once per decoding step."""
+    return (call.reuse and (layer in call.vectors or not call.any_adapter)
+            and not y.requires_grad and (v is None or not v.requires_grad))
 
 
 # Compiled code outside static routing: run the lookup eagerly (a graph break, but never a
@@ -303,9 +314,8 @@ def scale(y: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
 
 
 def eager_scale(y: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """scale outside torch.compile: the decode step's per-module path, kept to one op call."""
-    if v.dtype != y.dtype:
-        v = v.to(y.dtype)  # (in_dtype_of, inlined)
+    """scale outside torch.compile: in place unless something needs a gradient."""
+    v = in_dtype_of(y, v)
     if y.requires_grad or v.requires_grad:
         return _OPS["modulate"](y, v, None, False)
     _OPS["modulate_"](y, v, None, False)
@@ -327,13 +337,20 @@ _MODULE_HOOKS = ("_forward_pre_hooks", "_forward_hooks", "_backward_pre_hooks", 
 
 
 def base_output(base: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """base(x). A plain nn.Linear that nothing hooks is evaluated as F.linear, skipping the
-    nested nn.Module call (about 0.5 us of the 5-7 us PEDRO adds per wrapped module and decode
-    step on this project's CPU); anything else (hooks, a forward replaced on the instance or
-    the class, a subclass such as a quantised or parametrised layer) goes through the module."""
+    """base(x), through plain_linear's shortcut where it applies."""
+    params = plain_linear(base)
+    return base(x) if params is None else F.linear(x, *params)
+
+
+def plain_linear(base: nn.Module) -> Optional[tuple]:
+    """(weight, bias) when base(x) is exactly F.linear(x, weight, bias): a plain nn.Linear that
+    nothing hooks, evaluated as F.linear to skip the nested nn.Module call and its attribute
+    lookups (together about 2 us of a decode step's per-module cost on this project's CPU);
+    None for anything else (hooks, a forward replaced on the instance or the class, a subclass
+    such as a quantised or parametrised layer), which goes through the module."""
     if type(base) is nn.Linear and nn.Linear.forward is _LINEAR_FORWARD and not _hooked(base):
-        return F.linear(x, base.weight, base.bias)
-    return base(x)
+        return base.weight, base.bias
+    return None
 
 
 _LINEAR_FORWARD = nn.Linear.forward  # (a library that patches the class is honoured too)
@@ -406,7 +423,25 @@ class PedroLinear(nn.Module):
             v = self.vectors(x)
             y = self.base_layer(x)
             return y if v is None else scale(y, v)
-        # Eager: the fewest Python calls per module (this runs 90 times per decode step).
-        v = _call_vectors(self, x)
-        y = base_output(self.base_layer, x)
-        return y if v is None else eager_scale(y, v)
+        # Eager: a generate call's decoding steps take the arguments this module fixed at its
+        # first run (one lookup; this runs 90 times per decode step).
+        call = current_call()
+        prepared = None if call is None else call.prepared.get(self)
+        if prepared is None:
+            return self._forward_and_settle(call, x)
+        weight, bias, v, modulate_ = prepared
+        y = F.linear(x, weight, bias)
+        if v is not None:
+            modulate_(y, v, None, False)
+        return y
+
+    def _forward_and_settle(self, call: Optional[PedroCall], x: torch.Tensor) -> torch.Tensor:
+        v = _call_vectors(self, x, call)
+        params = plain_linear(self.base_layer)
+        y = self.base_layer(x) if params is None else F.linear(x, *params)
+        if v is not None:
+            v = in_dtype_of(y, v)
+            y = eager_scale(y, v)
+        if params is not None and settled(call, self.layer, y, v):
+            call.prepared[self] = (*params, v, _OPS["modulate_"])
+        return y

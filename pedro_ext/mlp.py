@@ -6,6 +6,7 @@ import functools
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from . import layer as _layer
@@ -44,15 +45,45 @@ def unfuse(mlp: nn.Module) -> None:
 
 
 def _fused_forward(mlp: nn.Module, x):
-    """down(act(gate(x)) * up(x) * l_u), scaling U inside the activation product."""
+    """down(act(gate(x)) * up(x) * l_u), scaling U inside the activation product. In eager
+    mode a generate call's decoding steps take the arguments fixed at the MLP's first run
+    (pedro_ext.layer.settled)."""
+    if torch.compiler.is_compiling():
+        return _compiled_forward(mlp, x)
+    call = _layer.current_call()
+    prepared = None if call is None else call.prepared.get(mlp)
+    if prepared is None:
+        return _forward_and_settle(mlp, call, x)
+    gate, up, down, v, act_mul_modulate = prepared
+    h = act_mul_modulate(F.linear(x, *gate), F.linear(x, *up), v, None, mlp.pedro_activation,
+                         False)
+    return F.linear(h, *down)
+
+
+def _forward_and_settle(mlp: nn.Module, call, x):
     up_proj = mlp.up_proj
-    compiling = torch.compiler.is_compiling()
-    v = up_proj.vectors(x) if compiling else _layer._call_vectors(up_proj, x)
+    v = _layer._call_vectors(up_proj, x, call)
     gate, up = mlp.gate_proj(x), _layer.base_output(up_proj.base_layer, x)
     if v is None:
         return mlp.down_proj(mlp.act_fn(gate) * up)
     v = _layer.in_dtype_of(up, v)
-    if compiling and _layer.traced_products():  # one fused inductor kernel (layer.traced_scale)
+    h = _layer._OPS["act_mul_modulate"](gate, up, v, None, mlp.pedro_activation, False)
+    if _layer.settled(call, up_proj.layer, h, v):
+        linears = [_layer.plain_linear(m) for m in (mlp.gate_proj, up_proj.base_layer,
+                                                    mlp.down_proj)]
+        if None not in linears:
+            call.prepared[mlp] = (*linears, v, _layer._OPS["act_mul_modulate"])
+    return mlp.down_proj(h)
+
+
+def _compiled_forward(mlp: nn.Module, x):
+    up_proj = mlp.up_proj
+    v = up_proj.vectors(x)
+    gate, up = mlp.gate_proj(x), up_proj.base_layer(x)
+    if v is None:
+        return mlp.down_proj(mlp.act_fn(gate) * up)
+    v = _layer.in_dtype_of(up, v)
+    if _layer.traced_products():  # one fused inductor kernel (layer.traced_scale)
         return mlp.down_proj(_layer.traced_scale(mlp.act_fn(gate) * up, v))
     h = _layer._OPS["act_mul_modulate"](gate, up, v, None, mlp.pedro_activation, False)
     return mlp.down_proj(h)

@@ -98,6 +98,10 @@ class PedroCall:
         self.static: Optional[StaticRouting] = None
         self.vectors: Dict[int, torch.Tensor] = {}
         self.slices: Dict[Tuple[int, int], torch.Tensor] = {}
+        # Per wrapped module (the module is the key): the arguments of its eager inference path,
+        # fixed by the module once this call's vectors for its layer exist (pedro_ext.layer), so
+        # each later decoding step costs one lookup per module.
+        self.prepared: Dict[object, tuple] = {}
         self.nested = 0  # direct calls re-entering the same model (hooks' bookkeeping)
         self.token = None
         self._plans: Dict[tuple, RowPlan] = {}

@@ -260,6 +260,69 @@ def test_wrapped_linears_keep_their_hooks_and_subclasses(how, monkeypatch):
                                        expected, rtol=0, atol=0)
 
 
+def _count_plain_linear(monkeypatch):
+    seen = []
+    real = layer_mod.plain_linear
+    monkeypatch.setattr(layer_mod, "plain_linear", lambda m: seen.append(m) or real(m))
+    return seen
+
+
+def test_generate_reads_each_modules_arguments_once_per_call(monkeypatch):
+    """A generate call's decoding steps reuse what each wrapped module fixed at its first run
+    (base weights, vectors, op): the per-module lookups do not grow with the tokens generated,
+    each call fixes its own, and calls without reused vectors (forward, training) fix none."""
+    pedro = _pedro()
+    seen = _count_plain_linear(monkeypatch)
+    ids = prompts()
+    counts = []
+    for new_tokens in (2, 7, 7):
+        seen.clear()
+        pedro.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
+                       min_new_tokens=new_tokens, do_sample=False, pad_token_id=0,
+                       adapter_names=["a", "b", None])
+        counts.append(len(seen))
+    per_layer = 2 + 4  # q and v; the fused MLP: up's first forward, then gate, up and down
+    assert counts == [per_layer * len(pedro.banks)] * 3
+    seen.clear()
+    with torch.no_grad():
+        for _ in range(3):
+            pedro(ids, adapter_names=["a", "b", "c"])
+    assert len(seen) == 3 * 3 * len(pedro.banks)  # every forward looks again (q, v, up)
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+def test_decoding_steps_with_fixed_arguments_equal_the_looked_up_path(monkeypatch, autocast):
+    pedro = _pedro()
+    ids = prompts(batch=4)
+    names = ["a", "b", "c", None]
+
+    def scores():
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            out = pedro.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=6,
+                                 do_sample=False, pad_token_id=0, adapter_names=names,
+                                 output_scores=True, return_dict_in_generate=True)
+        return out.sequences, torch.stack(out.scores)
+
+    fast = scores()
+    monkeypatch.setattr(layer_mod, "settled", lambda *a: False)  # every step: the looked-up path
+    slow = scores()
+    assert torch.equal(fast[0], slow[0])
+    torch.testing.assert_close(fast[1], slow[1], rtol=0, atol=0)
+
+
+def test_a_hook_on_a_base_layer_runs_at_every_decoding_step():
+    pedro = _pedro()
+    q = pedro.get_base_model().model.layers[1].self_attn.q_proj.base_layer
+    runs = []
+    handle = q.register_forward_hook(lambda m, a, out: runs.append(out.shape[1]))
+    ids = prompts()
+    try:
+        _gen(pedro, ids, adapter_names=["a", "b", "c"], min_new_tokens=5)
+    finally:
+        handle.remove()
+    assert runs == [ids.shape[1]] + [1] * 4  # the prefill, then every decoding step
+
+
 def test_fused_mlp_matches_the_unfused_path_and_unloads():
     pedro = _pedro()
     mlps = [layer.mlp for layer in pedro.get_base_model().model.layers]

@@ -184,3 +184,27 @@ def test_round_order_balances_positions_and_predecessors(n):
     follows = Counter((o[i], o[i + 1]) for o in orders for i in range(n - 1))
     assert len(follows) == n * (n - 1) and len(set(follows.values())) <= 1
     assert round_order(items, rows + 3) == orders[3 % rows]  # the design repeats
+
+
+def test_measure_interleaved_spreads_drift_over_every_callable():
+    """Three identical callables on a machine that slows down steadily: timed one after the
+    other the last reads much slower; interleaved, each gets the same number of repeats spread
+    over the whole run and their medians agree."""
+    from pedro_ext.bench.timing import measure, measure_interleaved
+    clock = {"calls": 0}
+
+    def drifting(i):
+        clock["calls"] += 1
+        time.sleep(1e-4 * clock["calls"])
+
+    sequential = [measure(drifting, torch.device("cpu"), 0, 12).median for _ in range(3)]
+    assert sequential[2] > 2 * sequential[0]  # the drift the interleaving has to cancel
+    clock["calls"] = 0
+    order = []
+    fns = {k: (lambda i, k=k: order.append(k) or drifting(i)) for k in "abc"}
+    stats = measure_interleaved(fns, torch.device("cpu"), 0, 12, rounds=4)
+    assert all(stats[k].n == 12 for k in "abc") and len(order) == 36
+    assert all(order[9 * j:9 * j + 9].count(k) == 3 for j in range(4) for k in "abc"), \
+        "each round times every callable a quarter of its repeats"
+    medians = [stats[k].median for k in "abc"]
+    assert max(medians) < 1.3 * min(medians)

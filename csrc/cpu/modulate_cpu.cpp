@@ -108,6 +108,21 @@ void scale_row(c10::Half* y, const c10::Half* x, const c10::Half* __restrict__ v
 
 #endif
 
+// y[0:n] = (y * u) * v, each product rounded to T as two eager multiplications would be. For
+// float and double that is one pass (the product is already in T); the half types take two
+// passes of scale_row, whose SIMD paths round in between.
+template <typename T>
+PEDRO_CPU_CLONES void scale_row_twice(T* y, const T* __restrict__ u, const T* __restrict__ v,
+                                      int64_t n) {
+  if constexpr (std::is_same_v<at::opmath_type<T>, T>) {
+#pragma GCC ivdep
+    for (int64_t j = 0; j < n; ++j) y[j] = y[j] * u[j] * v[j];
+  } else {
+    scale_row(y, y, u, n);
+    scale_row(y, y, v, n);
+  }
+}
+
 // Request of a row, or -1 when its seq id is invalid (padded rows are always valid).
 int64_t request_of(const int64_t* seq, int64_t row, const ModulateSizes& s) {
   if (!seq) return row / s.T;
@@ -279,9 +294,8 @@ Tensor act_mul_modulate_cpu(const Tensor& gate_in, const Tensor& up_in, const Te
         scalar_t* yr = yp + row * s.D;
         if (b < 0) {
           std::fill(yr, yr + s.D, std::numeric_limits<scalar_t>::quiet_NaN());
-        } else {  // the row is still in cache for the second product
-          scale_row(yr, yr, up_p + row * us, s.D);
-          scale_row(yr, yr, vp + b * vs, s.D);
+        } else {
+          scale_row_twice(yr, up_p + row * us, vp + b * vs, s.D);
         }
       }
     });

@@ -2,7 +2,8 @@
 
 Every method computes the three base projections plus its adapter; `median_ms` is that total,
 `adapter_ms` the adapter part alone (the base outputs given), both medians (with IQR) over
-repeats that rotate through ROTATE input / adapter-id sets so the timing does not sit in cache.
+repeats that rotate through ROTATE input / adapter-id sets so the timing does not sit in cache,
+taken in interleaved rounds across one configuration's methods.
 lora_bgmv (the fused Triton kernels) runs only where Triton can (a CUDA device); elsewhere it is
 skipped with the reason printed, and before it is timed its output is checked against
 lora_bmm's on the same inputs."""
@@ -19,9 +20,12 @@ from .lora import lora_bmm, lora_peft, lora_single, row_groups
 from .lora_bgmv import check_ids, lora_bgmv, unavailable_reason
 from .presets import Preset
 from .sanity import WeightFloor, refusal
-from .timing import Stats, copy_bandwidth_gbs, measure
+from .timing import Stats, copy_bandwidth_gbs, measure, measure_interleaved
 
 ROTATE = 3
+# Each configuration's methods are timed in this many interleaved rounds (timing.round_order),
+# so machine drift during a configuration falls on every method alike.
+KERNEL_ROUNDS = 4
 LORA_METHODS = ("lora_bmm", "lora_bgmv", "lora_peft", "lora_single")
 METHODS = ("base", "pedro") + LORA_METHODS
 AGREE_TOL = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 3e-2}
@@ -169,7 +173,7 @@ class KernelBench:
                 break
             tokens = 1 if phase == "decode" else self.p.prompt_len
             sets = self._inputs(batch, tokens, distinct)
-            measured = {}
+            measured, timed = {}, []
             for r in (None, *self.p.ranks):
                 fns = self._fns(phase, sets, r)
                 bad_bgmv = self._bgmv_disagreement(sets, r) if "lora_bgmv" in fns else None
@@ -186,17 +190,12 @@ class KernelBench:
                         self.messages.append(f"kernel {phase} B={batch} distinct={distinct} "
                                              f"r={r}: REFUSED {bad_bgmv}")
                     else:
-                        try:
-                            self._time(row, method, total, adapter_only)
-                        except Exception as e:  # one method's failure must not end the run
-                            row.update(median_ms=None, adapter_ms=None,
-                                       error=f"{type(e).__name__}: {str(e)[:300]}")
-                            self.messages.append(f"kernel {phase} B={batch} {method}: ERROR "
-                                                 f"{row['error']}")
+                        timed.append((row, method, total, adapter_only))
                     measured[(method, r)] = row
                     out.append(row)
-                    if progress is not None:
-                        progress.update(1)
+            self._time_interleaved(timed)
+            if progress is not None:
+                progress.update(len(measured))
             configs.append(measured)
         self.floor.measure()
         for row in out:
@@ -217,12 +216,39 @@ class KernelBench:
                         measure(fn, self.device, self.p.warmup, self.p.repeats,
                                 budget_ms=self.p.measure_budget_ms)
 
-    def _time(self, row, method, total, adapter_only):
-        graph = self.cuda_graph and self.device.type == "cuda" and method != "lora_peft"
-        budget = self.p.measure_budget_ms
-        t = measure(total, self.device, self.p.warmup, self.p.repeats, graph, budget)
-        a = measure(adapter_only, self.device, self.p.warmup, self.p.repeats, graph, budget) \
-            if adapter_only else None
+    def _time_interleaved(self, timed):
+        """Times one configuration's methods (total and adapter part) in KERNEL_ROUNDS
+        interleaved rounds. A method whose first call fails gets an error row; the others are
+        timed."""
+        graph_ok = self.cuda_graph and self.device.type == "cuda"
+        fns = {False: {}, True: {}}  # by CUDA-graph use (lora_peft syncs: never captured)
+        for k, (row, method, total, adapter_only) in enumerate(timed):
+            try:
+                for fn in (total, adapter_only):
+                    if fn is not None:
+                        fn(0)
+            except Exception as e:  # one method's failure must not end the run
+                row.update(median_ms=None, adapter_ms=None,
+                           error=f"{type(e).__name__}: {str(e)[:300]}")
+                self.messages.append(f"kernel {row['phase']} B={row['batch_size']} {method}: "
+                                     f"ERROR {row['error']}")
+                continue
+            graph = graph_ok and method != "lora_peft"
+            fns[graph][(k, "total")] = total
+            if adapter_only is not None:
+                fns[graph][(k, "adapter")] = adapter_only
+        stats = {}
+        for graph, group in fns.items():
+            if group:
+                stats.update(measure_interleaved(group, self.device, self.p.warmup,
+                                                 self.p.repeats, KERNEL_ROUNDS, graph,
+                                                 self.p.measure_budget_ms))
+        for k, (row, method, total, adapter_only) in enumerate(timed):
+            if (k, "total") in stats:
+                graph = graph_ok and method != "lora_peft"
+                self._fill(row, method, graph, stats[(k, "total")], stats.get((k, "adapter")))
+
+    def _fill(self, row, method, graph, t: Stats, a: Optional[Stats]):
         row.update(mode="cuda_graph" if graph else "eager", cuda_graph=graph,
                    **_stats_fields(t, ""), **(_stats_fields(a, "adapter_") if a else {}))
         if method != "base" and row.get("adapter_ms"):

@@ -3,6 +3,7 @@
 - `measure`: a callable timed over repeats after warm-up (CUDA events on a GPU, optionally
   CUDA-graph replays; perf_counter on the CPU). The callable gets the repeat index so it can
   rotate its inputs. Slow callables get fewer repeats (a time budget per measurement).
+  `measure_interleaved` times several callables that way in interleaved rounds.
 - `StepClock`: a StoppingCriteria that Hugging Face `generate` calls once per generated token,
   right after the token is chosen; it timestamps each call, so the intervals are the time to
   the first token (prefill) and the time of every decoding step, measured inside the real
@@ -13,10 +14,13 @@
 import statistics
 import time
 from dataclasses import asdict, dataclass
-from typing import Callable, List, Sequence, TypeVar
+from typing import Callable, Dict, Hashable, List, Sequence, TypeVar
 
 import torch
 from transformers import StoppingCriteria
+
+T = TypeVar("T")
+K = TypeVar("K", bound=Hashable)
 
 
 @dataclass(frozen=True)
@@ -50,58 +54,83 @@ def measure(fn: Callable[[int], object], device: torch.device, warmup: int, repe
             cuda_graph: bool = False, budget_ms: float = 2000.0, min_repeats: int = 5) -> Stats:
     """Stats in ms of fn over at most `repeats` calls, fewer when they would take longer than
     budget_ms in all (never fewer than min_repeats)."""
-    if device.type == "cuda":
-        return _cuda(fn, warmup, repeats, cuda_graph, budget_ms, min_repeats)
-    t0 = time.perf_counter()
-    for i in range(warmup):
-        fn(i)
-    per_call = (time.perf_counter() - t0) * 1e3 / max(1, warmup)
-    times = []
-    for i in range(_repeats(per_call if warmup else None, repeats, budget_ms, min_repeats)):
-        t0 = time.perf_counter()
-        fn(i)
-        times.append((time.perf_counter() - t0) * 1e3)
-    return Stats.of(times)
+    return measure_interleaved({None: fn}, device, warmup, repeats, 1, cuda_graph, budget_ms,
+                               min_repeats)[None]
 
 
-def _repeats(per_call_ms, repeats, budget_ms, min_repeats) -> int:
-    if not per_call_ms or per_call_ms <= 0:
-        return repeats
-    return max(min(repeats, min_repeats), min(repeats, int(budget_ms / per_call_ms)))
+def measure_interleaved(fns: Dict[K, Callable[[int], object]], device: torch.device, warmup: int,
+                        repeats: int, rounds: int, cuda_graph: bool = False,
+                        budget_ms: float = 2000.0, min_repeats: int = 5) -> Dict[K, Stats]:
+    """measure() for several callables at once, their repeats split into `rounds` interleaved
+    rounds (in round_order), so that drift of the machine during the measurement (clock,
+    cache and memory state, other load) falls on all of them alike instead of on whichever
+    ran last. Each callable is warmed up (and its CUDA graphs captured) before any is timed."""
+    timers = {key: _Timer(fn, device, warmup, cuda_graph) for key, fn in fns.items()}
+    wanted = {key: t.repeats(repeats, budget_ms, min_repeats) for key, t in timers.items()}
+    samples: Dict[K, List[float]] = {key: [] for key in fns}
+    keys = list(fns)
+    rounds = max(1, rounds)
+    for rnd in range(rounds):
+        for key in round_order(keys, rnd):
+            n = -(-wanted[key] * (rnd + 1) // rounds) - len(samples[key])  # even split
+            for _ in range(n):
+                samples[key].append(timers[key].sample(len(samples[key])))
+    return {key: Stats.of(samples[key]) for key in keys}
 
 
-def _cuda(fn, warmup, repeats, cuda_graph, budget_ms, min_repeats):
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    with torch.cuda.stream(stream):
-        start.record()
-        for i in range(warmup):
-            fn(i)
-        end.record()
-    torch.cuda.current_stream().wait_stream(stream)
-    torch.cuda.synchronize()
-    per_call = start.elapsed_time(end) / max(1, warmup)
-    if cuda_graph:
-        # one graph per rotation slot, so replays still rotate their inputs
-        graphs = []
-        for i in range(min(repeats, 3)):
-            g = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(g):
+class _Timer:
+    """One callable, warmed up: `sample(i)` times one call of it in ms (CUDA events on a GPU,
+    optionally a CUDA-graph replay; perf_counter on the CPU)."""
+
+    def __init__(self, fn: Callable[[int], object], device: torch.device, warmup: int,
+                 cuda_graph: bool):
+        self.cuda = device.type == "cuda"
+        self.run = fn
+        self.per_call_ms = self._warm_up(fn, warmup) if warmup else None
+        if self.cuda and cuda_graph:
+            # one graph per rotation slot, so replays still rotate their inputs
+            graphs = []
+            for i in range(3):
+                g = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(g):
+                    fn(i)
+                graphs.append(g)
+            self.run = lambda i: graphs[i % len(graphs)].replay()
+
+    def _warm_up(self, fn, warmup) -> float:
+        if not self.cuda:
+            t0 = time.perf_counter()
+            for i in range(warmup):
                 fn(i)
-            graphs.append(g)
-        run = lambda i: graphs[i % len(graphs)].replay()  # noqa: E731
-    else:
-        run = fn
-    times = []
-    for i in range(_repeats(per_call if warmup else None, repeats, budget_ms, min_repeats)):
+            return (time.perf_counter() - t0) * 1e3 / warmup
+        stream = torch.cuda.Stream()  # (graph capture needs a side stream's warm-up)
+        stream.wait_stream(torch.cuda.current_stream())
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        with torch.cuda.stream(stream):
+            start.record()
+            for i in range(warmup):
+                fn(i)
+            end.record()
+        torch.cuda.current_stream().wait_stream(stream)
+        torch.cuda.synchronize()
+        return start.elapsed_time(end) / warmup
+
+    def repeats(self, repeats: int, budget_ms: float, min_repeats: int) -> int:
+        if not self.per_call_ms or self.per_call_ms <= 0:
+            return repeats
+        return max(min(repeats, min_repeats), min(repeats, int(budget_ms / self.per_call_ms)))
+
+    def sample(self, i: int) -> float:
+        if not self.cuda:
+            t0 = time.perf_counter()
+            self.run(i)
+            return (time.perf_counter() - t0) * 1e3
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
-        run(i)
+        self.run(i)
         end.record()
         end.synchronize()
-        times.append(start.elapsed_time(end))
-    return Stats.of(times)
+        return start.elapsed_time(end)
 
 
 def copy_bandwidth_gbs(numel: int, dtype: torch.dtype, device: torch.device, warmup: int,
@@ -156,7 +185,6 @@ class StepClock(StoppingCriteria):
         return [(b - a) * 1e3 for a, b in zip(s, s[1:])]
 
 
-T = TypeVar("T")
 
 
 def round_order(items: Sequence[T], rnd: int) -> List[T]:

@@ -114,6 +114,48 @@ def test_test_metrics_match_independent_evaluation():
     assert got["test_accuracy"] == correct / len(pairs)
 
 
+def test_mixed_test_split_scores_accuracy_on_labelled_items_and_loss_per_part():
+    """The mix task's test split holds labelled (classification) and free-text items: accuracy
+    counts the labelled ones only, and each part's loss is its own mean over its tokens."""
+    model, tok = tiny_model(), CharTokenizer()
+    pedro = get_pedro_model(model, PedroConfig(r=2))
+    with torch.no_grad():
+        for bank in pedro.banks.values():
+            bank.adapters["default"].w_up.normal_(0, 0.3)
+    spec = toy_task()
+    labelled = toy_splits(dataclasses.replace(spec, splits=dict(test=7)), tok)["test"]
+    free = [(f"say {w}", f" {w} again") for w in ("hi", "ok then", "fine", "x", "bye now")]
+    pairs = [labelled[0], free[0], free[1], *labelled[1:4], free[2], free[3], *labelled[4:], free[4]]
+    got = score_test_split(pedro, tok, pairs, spec, batch_size=4)
+    part = {k: [encode(tok, p, r, spec.max_length) for p, r in ps]
+            for k, ps in (("labelled", labelled), ("other", free), ("all", pairs))}
+    for key, name in (("test_loss", "all"), ("test_loss_labelled", "labelled"),
+                      ("test_loss_other", "other")):
+        assert got[key] == pytest.approx(evaluate(pedro, part[name], tok.pad_token_id), rel=1e-5)
+    alone = score_test_split(pedro, tok, labelled, spec, batch_size=3)
+    assert got["test_accuracy"] == alone["test_accuracy"]
+    assert "test_loss_other" not in alone
+
+
+def test_mix_task_splits_half_bbc_half_chat():
+    from bench.quality import data
+    from bench.quality.tasks import TASKS, load_splits
+    from pedro_ext.offline import load_smollm2
+    _, tok = load_smollm2()
+    spec = TASKS["mix"]
+    splits = load_splits(spec, tok)
+    for name, n in spec.splits.items():
+        is_bbc = [r in spec.labels for _, r in splits[name]]
+        assert len(splits[name]) == n and sum(is_bbc) == n // 2, name
+    test_bbc = [r for _, r in splits["test"] if r in spec.labels]
+    assert sorted(set(test_bbc)) == sorted(spec.labels)
+    assert all(test_bbc.count(r) == len(test_bbc) // len(data.BBC_LABELS) for r in spec.labels)
+    # (the BBC corpus repeats a few articles, so its parts may share a handful of items, as in
+    # the bbc task; the chat part is drawn without replacement)
+    chat = {name: {p for p in pairs if p[1] not in spec.labels} for name, pairs in splits.items()}
+    assert not (chat["train"] & chat["test"]) and not (chat["dev"] & chat["test"])
+
+
 def test_bf16_matmuls_round_only_the_gemm():
     model = tiny_model(tie_word_embeddings=True)
     x = torch.randn(2, 5, 48)

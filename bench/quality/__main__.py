@@ -5,6 +5,9 @@ weights, CPU), every method with a tuned learning rate:
   bbc:  BBC News topic classification (5 classes), 256 training articles; test accuracy (the
         label whose first token scores highest after the prompt) and response loss.
   chat: chatterbot English Q/A pairs (<= 64 tokens), 256 training pairs; test response loss.
+  mix:  one adapter for both at once (128 BBC articles + 128 Q/A pairs; test 125 + 125): the
+        prompt decides the task, the case a prompt-dependent adapter is for; accuracy on the
+        BBC items, loss on all (test_loss_labelled / test_loss_other per part in runs.jsonl).
   bbc-long, chat-long: the same at twice the steps (converged training), e.g. for
         --methods pedro,pedro-static,lora-qvu --phase sweep, then --phase final.
 Methods: pedro; pedro-static (only b_up trained: IA3 on q, v, up, the control for the

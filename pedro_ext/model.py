@@ -574,7 +574,11 @@ class PedroModel(PreTrainedModel):
         """HF generate (same arguments: inputs / input_ids, attention_mask, ...); each row's
         vectors come from its prompt at prefill and are reused for every generated token.
         With a static cache (cache_implementation="static", e.g. for a compiled decode step)
-        the vectors sit in persistent tensors that graph-captured steps read."""
+        the vectors sit in persistent tensors that graph-captured steps read.
+        Each wrapped module reads its base Linear (weights, hooks, forward) once per call, at
+        its first run: a hook registered or a weight reassigned while a generate call runs
+        (from a streamer or a stopping criterion) takes effect from the next call; in-place
+        weight edits show at once."""
         inputs = args[0] if args else kwargs.get("inputs", kwargs.get("input_ids"))
         if inputs is None:
             inputs = kwargs.get("inputs_embeds")

@@ -310,11 +310,14 @@ def test_decoding_steps_with_fixed_arguments_equal_the_looked_up_path(monkeypatc
     torch.testing.assert_close(fast[1], slow[1], rtol=0, atol=0)
 
 
-def test_a_hook_on_a_base_layer_runs_at_every_decoding_step():
+@pytest.mark.parametrize("where", ["self_attn.q_proj.base_layer", "self_attn.v_proj.base_layer",
+                                   "mlp.gate_proj", "mlp.up_proj.base_layer", "mlp.down_proj"])
+def test_a_hook_on_a_base_layer_runs_at_every_decoding_step(where):
+    """A hook registered before a generate call keeps the hooked module off the fixed path."""
     pedro = _pedro()
-    q = pedro.get_base_model().model.layers[1].self_attn.q_proj.base_layer
+    module = pedro.get_base_model().model.layers[1].get_submodule(where)
     runs = []
-    handle = q.register_forward_hook(lambda m, a, out: runs.append(out.shape[1]))
+    handle = module.register_forward_hook(lambda m, a, out: runs.append(out.shape[1]))
     ids = prompts()
     try:
         _gen(pedro, ids, adapter_names=["a", "b", "c"], min_new_tokens=5)

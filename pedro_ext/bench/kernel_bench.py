@@ -7,6 +7,7 @@ taken in interleaved rounds across one configuration's methods.
 lora_bgmv (the fused Triton kernels) runs only where Triton can (a CUDA device); elsewhere it is
 skipped with the reason printed, and before it is timed its output is checked against
 lora_bmm's on the same inputs."""
+import functools
 import math
 import time
 from typing import Dict, List, Optional
@@ -218,35 +219,48 @@ class KernelBench:
 
     def _time_interleaved(self, timed):
         """Times one configuration's methods (total and adapter part) in KERNEL_ROUNDS
-        interleaved rounds. A method whose first call fails gets an error row; the others are
-        timed."""
+        interleaved rounds. A method that fails (at its first call, or while it is warmed up,
+        captured or timed) gets an error row; the others are still timed."""
         graph_ok = self.cuda_graph and self.device.type == "cuda"
-        fns = {False: {}, True: {}}  # by CUDA-graph use (lora_peft syncs: never captured)
+        fns, no_graph, owner = {}, set(), {}
         for k, (row, method, total, adapter_only) in enumerate(timed):
-            try:
-                for fn in (total, adapter_only):
-                    if fn is not None:
-                        fn(0)
-            except Exception as e:  # one method's failure must not end the run
-                row.update(median_ms=None, adapter_ms=None,
-                           error=f"{type(e).__name__}: {str(e)[:300]}")
-                self.messages.append(f"kernel {row['phase']} B={row['batch_size']} {method}: "
-                                     f"ERROR {row['error']}")
+            if self._fails(row, method, lambda: [fn(0) for fn in (total, adapter_only) if fn]):
                 continue
-            graph = graph_ok and method != "lora_peft"
-            fns[graph][(k, "total")] = total
-            if adapter_only is not None:
-                fns[graph][(k, "adapter")] = adapter_only
-        stats = {}
-        for graph, group in fns.items():
-            if group:
-                stats.update(measure_interleaved(group, self.device, self.p.warmup,
-                                                 self.p.repeats, KERNEL_ROUNDS, graph,
-                                                 self.p.measure_budget_ms))
+            for part, fn in (("total", total), ("adapter", adapter_only)):
+                if fn is not None:
+                    fns[(k, part)] = fn
+                    owner[(k, part)] = k
+                    if method == "lora_peft":  # it syncs: never captured in a graph
+                        no_graph.add((k, part))
+        timed_together = functools.partial(measure_interleaved, device=self.device,
+                                    warmup=self.p.warmup, repeats=self.p.repeats,
+                                    rounds=KERNEL_ROUNDS, cuda_graph=graph_ok,
+                                    budget_ms=self.p.measure_budget_ms, no_graph=no_graph)
+        try:
+            stats = timed_together(fns)
+        except Exception:  # someone failed later: time each method on its own, keep the rest
+            stats = {}
+            for k, (row, method, total, adapter_only) in enumerate(timed):
+                mine = {key: fn for key, fn in fns.items() if owner[key] == k}
+                if mine:
+                    self._fails(row, method, lambda: stats.update(timed_together(mine)))
         for k, (row, method, total, adapter_only) in enumerate(timed):
             if (k, "total") in stats:
-                graph = graph_ok and method != "lora_peft"
-                self._fill(row, method, graph, stats[(k, "total")], stats.get((k, "adapter")))
+                self._fill(row, method, graph_ok and method != "lora_peft", stats[(k, "total")],
+                           stats.get((k, "adapter")))
+
+    def _fails(self, row, method, work) -> bool:
+        """Runs work(); on an exception records it as the row's error (one method's failure must
+        not end the run) and returns True."""
+        try:
+            work()
+            return False
+        except Exception as e:
+            row.update(median_ms=None, adapter_ms=None,
+                       error=f"{type(e).__name__}: {str(e)[:300]}")
+            self.messages.append(f"kernel {row['phase']} B={row['batch_size']} {method}: "
+                                 f"ERROR {row['error']}")
+            return True
 
     def _fill(self, row, method, graph, t: Stats, a: Optional[Stats]):
         row.update(mode="cuda_graph" if graph else "eager", cuda_graph=graph,

@@ -14,7 +14,7 @@
 import statistics
 import time
 from dataclasses import asdict, dataclass
-from typing import Callable, Dict, Hashable, List, Sequence, TypeVar
+from typing import Callable, Collection, Dict, Hashable, List, Sequence, TypeVar
 
 import torch
 from transformers import StoppingCriteria
@@ -60,12 +60,15 @@ def measure(fn: Callable[[int], object], device: torch.device, warmup: int, repe
 
 def measure_interleaved(fns: Dict[K, Callable[[int], object]], device: torch.device, warmup: int,
                         repeats: int, rounds: int, cuda_graph: bool = False,
-                        budget_ms: float = 2000.0, min_repeats: int = 5) -> Dict[K, Stats]:
+                        budget_ms: float = 2000.0, min_repeats: int = 5,
+                        no_graph: Collection[K] = ()) -> Dict[K, Stats]:
     """measure() for several callables at once, their repeats split into `rounds` interleaved
     rounds (in round_order), so that drift of the machine during the measurement (clock,
     cache and memory state, other load) falls on all of them alike instead of on whichever
-    ran last. Each callable is warmed up (and its CUDA graphs captured) before any is timed."""
-    timers = {key: _Timer(fn, device, warmup, cuda_graph) for key, fn in fns.items()}
+    ran last. Each callable is warmed up (and its CUDA graphs captured, except for the keys in
+    no_graph) before any is timed."""
+    timers = {key: _Timer(fn, device, warmup, cuda_graph and key not in no_graph, repeats)
+              for key, fn in fns.items()}
     wanted = {key: t.repeats(repeats, budget_ms, min_repeats) for key, t in timers.items()}
     samples: Dict[K, List[float]] = {key: [] for key in fns}
     keys = list(fns)
@@ -83,14 +86,14 @@ class _Timer:
     optionally a CUDA-graph replay; perf_counter on the CPU)."""
 
     def __init__(self, fn: Callable[[int], object], device: torch.device, warmup: int,
-                 cuda_graph: bool):
+                 cuda_graph: bool, repeats: int):
         self.cuda = device.type == "cuda"
         self.run = fn
         self.per_call_ms = self._warm_up(fn, warmup) if warmup else None
         if self.cuda and cuda_graph:
             # one graph per rotation slot, so replays still rotate their inputs
             graphs = []
-            for i in range(3):
+            for i in range(min(repeats, 3)):
                 g = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(g):
                     fn(i)

@@ -93,12 +93,17 @@ def test_phases_resume_extend_and_pair(tmp_path):
         make_study(tmp_path, steps=3).store.load()
 
 
-def test_test_metrics_match_independent_evaluation():
-    model, tok = tiny_model(), CharTokenizer()
-    pedro = get_pedro_model(model, PedroConfig(r=2))
+def _scoring_model():
+    """A tiny PEDRO model whose vectors vary with the prompt, and its tokenizer."""
+    pedro = get_pedro_model(tiny_model(), PedroConfig(r=2))
     with torch.no_grad():
         for bank in pedro.banks.values():
             bank.adapters["default"].w_up.normal_(0, 0.3)
+    return pedro, CharTokenizer()
+
+
+def test_test_metrics_match_independent_evaluation():
+    pedro, tok = _scoring_model()
     spec = toy_task()
     pairs = toy_splits(dataclasses.replace(spec, splits=dict(test=13)), tok)["test"]
     got = score_test_split(pedro, tok, pairs, spec, batch_size=4)
@@ -117,11 +122,7 @@ def test_test_metrics_match_independent_evaluation():
 def test_mixed_test_split_scores_accuracy_on_labelled_items_and_loss_per_part():
     """The mix task's test split holds labelled (classification) and free-text items: accuracy
     counts the labelled ones only, and each part's loss is its own mean over its tokens."""
-    model, tok = tiny_model(), CharTokenizer()
-    pedro = get_pedro_model(model, PedroConfig(r=2))
-    with torch.no_grad():
-        for bank in pedro.banks.values():
-            bank.adapters["default"].w_up.normal_(0, 0.3)
+    pedro, tok = _scoring_model()
     spec = toy_task()
     labelled = toy_splits(dataclasses.replace(spec, splits=dict(test=7)), tok)["test"]
     free = [(f"say {w}", f" {w} again") for w in ("hi", "ok then", "fine", "x", "bye now")]

@@ -222,26 +222,25 @@ class KernelBench:
         interleaved rounds. A method that fails (at its first call, or while it is warmed up,
         captured or timed) gets an error row; the others are still timed."""
         graph_ok = self.cuda_graph and self.device.type == "cuda"
-        fns, no_graph, owner = {}, set(), {}
+        fns, no_graph = {}, set()  # keys (index in timed, "total" / "adapter")
         for k, (row, method, total, adapter_only) in enumerate(timed):
             if self._fails(row, method, lambda: [fn(0) for fn in (total, adapter_only) if fn]):
                 continue
             for part, fn in (("total", total), ("adapter", adapter_only)):
                 if fn is not None:
                     fns[(k, part)] = fn
-                    owner[(k, part)] = k
                     if method == "lora_peft":  # it syncs: never captured in a graph
                         no_graph.add((k, part))
-        timed_together = functools.partial(measure_interleaved, device=self.device,
-                                    warmup=self.p.warmup, repeats=self.p.repeats,
-                                    rounds=KERNEL_ROUNDS, cuda_graph=graph_ok,
-                                    budget_ms=self.p.measure_budget_ms, no_graph=no_graph)
+        timed_together = functools.partial(
+            measure_interleaved, device=self.device, warmup=self.p.warmup,
+            repeats=self.p.repeats, rounds=KERNEL_ROUNDS, cuda_graph=graph_ok,
+            budget_ms=self.p.measure_budget_ms, no_graph=no_graph)
         try:
             stats = timed_together(fns)
         except Exception:  # someone failed later: time each method on its own, keep the rest
             stats = {}
             for k, (row, method, total, adapter_only) in enumerate(timed):
-                mine = {key: fn for key, fn in fns.items() if owner[key] == k}
+                mine = {key: fn for key, fn in fns.items() if key[0] == k}
                 if mine:
                     self._fails(row, method, lambda: stats.update(timed_together(mine)))
         for k, (row, method, total, adapter_only) in enumerate(timed):

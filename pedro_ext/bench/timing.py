@@ -188,8 +188,6 @@ class StepClock(StoppingCriteria):
         return [(b - a) * 1e3 for a, b in zip(s, s[1:])]
 
 
-
-
 def round_order(items: Sequence[T], rnd: int) -> List[T]:
     """The order of round `rnd` in a Williams design (a balanced Latin square): over every
     n rounds (2n for an odd number n of items) each item runs in each position equally often

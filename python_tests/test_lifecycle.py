@@ -331,6 +331,41 @@ def test_weights_edited_in_place_in_eval_mode_are_used_at_the_next_call():
         assert torch.equal(pedro(ids).logits, base)
 
 
+def test_the_stack_is_checked_for_the_adapters_a_call_reads(monkeypatch):
+    """A call checks the cached stack against the adapters its rows use only (a prefill's cost
+    does not grow with the adapters loaded); an edit to another adapter is picked up by the
+    first call that reads it, and the results always match a freshly built model."""
+    from pedro_ext.layer import PedroLayerBank
+
+    def build():
+        pedro = get_pedro_model(tiny_model(), PedroConfig(r=4), adapter_name="a")
+        pedro.add_adapter("b", PedroConfig(r=3))
+        for i, name in enumerate(("a", "b")):
+            randomize_adapter(pedro, name, seed=10 + i)
+        return pedro.eval()
+
+    pedro, ids = build(), prompts(batch=2)
+    stacks = []
+    real_stack = PedroLayerBank._stack
+    monkeypatch.setattr(PedroLayerBank, "_stack",
+                        lambda self, *a, **k: stacks.append(self.layer) or real_stack(self, *a, **k))
+    with torch.no_grad():
+        pedro(ids, adapter_names=["a", "a"])
+        layers = len(stacks)
+        assert layers == len(pedro.banks)
+        for p in pedro.adapter_parameters("b"):
+            p.mul_(2)
+        only_a = pedro(ids, adapter_names=["a", "a"]).logits
+        assert len(stacks) == layers, "b's edit must not rebuild a call that reads only a"
+        mixed = pedro(ids, adapter_names=["a", "b"]).logits
+        assert len(stacks) == 2 * layers, "the first call that reads b rebuilds every layer"
+        fresh = build()
+        for p in fresh.adapter_parameters("b"):
+            p.mul_(2)
+        assert torch.equal(only_a, fresh(ids, adapter_names=["a", "a"]).logits)
+        assert torch.equal(mixed, fresh(ids, adapter_names=["a", "b"]).logits)
+
+
 def test_copies_and_pickles_are_independent_models():
     import copy
     import pickle

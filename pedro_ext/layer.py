@@ -5,7 +5,7 @@ import contextlib
 import math
 import operator
 import threading
-from typing import List, Optional, Sequence
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -139,15 +139,25 @@ class PedroLayerBank(nn.Module):
         self.adapters = nn.ModuleDict()
         self.order: List[str] = []  # bank index -> adapter name (set by PedroModel)
         self.computations = 0  # statistics for tests and profiling; no routing state
-        self._cache = None  # (key, stacked dict) for inference
-        self._params = None  # the adapters' parameters, listed once per bank change
+        self._cache = None  # (snapshot, (dtype, device), versions, stacked dict) for inference
+        self._params = None  # the snapshot: (order, each adapter's parameters)
 
     def invalidate(self):
         self._cache = self._params = None
 
-    def _stack(self, dtype, device, indices: Optional[Sequence[int]] = None):
-        """The bank of the adapters at `indices` of `order` (all if None), in that order."""
-        names = self.order if indices is None else [self.order[i] for i in indices]
+    # Moves and casts (.to, .half, ...) and state-dict loads (also assign=True, which replaces the
+    # Parameter objects) change the weights without an in-place edit: rebuild the stack.
+    def _apply(self, fn, recurse=True):
+        out = super()._apply(fn, recurse)
+        self.invalidate()
+        return out
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        super()._load_from_state_dict(*args, **kwargs)
+        self.invalidate()
+
+    def _stack(self, dtype, device, names: Sequence[str]):
+        """The bank of the adapters `names`, in that order."""
         ws = [self.adapters[n] for n in names]
         r = max(w.w_down.shape[1] for w in ws)
         nl = max(w.rat_num.shape[0] for w in ws)
@@ -177,12 +187,15 @@ class PedroLayerBank(nn.Module):
         return torch.is_grad_enabled() and any(p.requires_grad for w in self.adapters.values()
                                                for p in w.parameters())
 
-    def _adapter_params(self) -> List[List[nn.Parameter]]:
-        """Each bank index's parameters, listed once per bank change."""
-        params = self._params  # one read: another thread may invalidate meanwhile
-        if params is None:
-            params = self._params = [list(self.adapters[n].parameters()) for n in self.order]
-        return params
+    def _snapshot(self) -> Tuple[List[str], List[List[nn.Parameter]]]:
+        """(bank order, each index's parameters), listed once per bank change. Tied to the
+        order list's identity (PedroModel sets a new list at every change), so a listing made
+        by a thread that raced a change is never taken for the new order."""
+        snapshot = self._params  # one read: another thread may invalidate meanwhile
+        order = self.order
+        if snapshot is None or snapshot[0] is not order:
+            snapshot = self._params = (order, [list(self.adapters[n].parameters()) for n in order])
+        return snapshot
 
     def stacked(self, dtype, device, used: Sequence[int]):
         """Every adapter's bank for inference, cached until a weight of an adapter in `used`
@@ -190,18 +203,20 @@ class PedroLayerBank(nn.Module):
         # Checked on the weights' version counters, for the adapters the call reads only, so a
         # prefill's cost does not grow with the number of adapters loaded: an in-place edit
         # (load_state_dict, a manual edit under no_grad) rebuilds the stack when a call reads
-        # that adapter. The counters are read before stacking, so a stack that races an edit
-        # carries the old count and is rebuilt by the next call that reads the adapter.
-        params = self._adapter_params()
+        # that adapter (an edit through .data has a counter of its own and is not seen). A
+        # stack belongs to the snapshot it was built from, and the counters are read before
+        # stacking: a stack that raced a bank change or an edit is rebuilt by the next call.
+        snapshot = self._snapshot()
+        order, params = snapshot
         cache = self._cache  # one read: another thread may invalidate meanwhile
-        if cache is not None and cache[0] == (dtype, device) and all(
-                sum(map(_VERSION, params[i])) == cache[1][i] for i in used):
-            return cache[2]
+        if cache is not None and cache[0] is snapshot and cache[1] == (dtype, device) and all(
+                sum(map(_VERSION, params[i])) == cache[2][i] for i in used):
+            return cache[3]
         versions = [sum(map(_VERSION, p)) for p in params]
         with torch.no_grad():
-            cache = ((dtype, device), versions, self._stack(dtype, device))
+            cache = (snapshot, (dtype, device), versions, self._stack(dtype, device, order))
         self._cache = cache
-        return cache[2]
+        return cache[3]
 
     def compute(self, call: PedroCall, x: torch.Tensor) -> None:
         """This layer's vectors for the call's rows, from the generator input x [rows, T, d]."""
@@ -211,7 +226,7 @@ class PedroLayerBank(nn.Module):
             # writes gradients for those alone, and the others get none (no decay, no momentum
             # step), however many adapters the bank holds.
             used, ids, gather = plan.local
-            bank = self._stack(x.dtype, x.device, used)
+            bank = self._stack(x.dtype, x.device, [self.order[i] for i in used])
         else:
             bank = self.stacked(x.dtype, x.device, plan.used)
             ids, gather = plan.ids, plan.gather

@@ -366,6 +366,56 @@ def test_the_stack_is_checked_for_the_adapters_a_call_reads(monkeypatch):
         assert torch.equal(mixed, fresh(ids, adapter_names=["a", "b"]).logits)
 
 
+def _three_randomized():
+    pedro = get_pedro_model(tiny_model(), PedroConfig(r=4), adapter_name="a")
+    for name in ("b", "c"):
+        pedro.add_adapter(name, PedroConfig(r=4))
+    for i, name in enumerate(("a", "b", "c")):
+        randomize_adapter(pedro, name, seed=10 + i)
+    return pedro.eval()
+
+
+@pytest.mark.parametrize("change", ["delete", "add"])
+def test_a_stack_built_before_a_bank_change_is_never_used_after_it(change):
+    """A thread that stacked the bank before another deleted or added an adapter may write its
+    stack last; the next call must still read the adapters of the new order."""
+    pedro, ids = _three_randomized(), prompts(batch=2)
+    with torch.no_grad():
+        pedro(ids, adapter_names=["b", "c"])
+        late = {key: bank._cache for key, bank in pedro.banks.items()}
+        if change == "delete":
+            pedro.delete_adapter("a")
+        else:
+            pedro.add_adapter("d", PedroConfig(r=4))
+            randomize_adapter(pedro, "d", seed=20)
+        for key, bank in pedro.banks.items():
+            bank._cache = late[key]  # the racing thread's write
+        names = ["b", "c"] if change == "delete" else ["c", "d"]
+        got = pedro(ids, adapter_names=names).logits
+        for bank in pedro.banks.values():
+            bank.invalidate()
+        assert torch.equal(got, pedro(ids, adapter_names=names).logits)
+
+
+@pytest.mark.parametrize("change", ["cast", "assign"])
+def test_casts_and_assigning_loads_rebuild_the_stack(change):
+    pedro, ids = _three_randomized(), prompts(batch=2)
+    names = ["a", "b"]
+    with torch.no_grad():
+        before = pedro(ids, adapter_names=names).logits
+        if change == "cast":  # the weights round through half precision
+            pedro.half()
+            pedro.float()
+        else:  # new Parameter objects
+            state = {k: v * 2 for k, v in pedro.state_dict().items() if ".adapters.b." in k}
+            pedro.load_state_dict(state, strict=False, assign=True)
+        got = pedro(ids, adapter_names=names).logits
+        for bank in pedro.banks.values():
+            bank.invalidate()
+        want = pedro(ids, adapter_names=names).logits
+    assert not torch.equal(want, before) and torch.equal(got, want)
+
+
 def test_copies_and_pickles_are_independent_models():
     import copy
     import pickle

@@ -3,8 +3,9 @@ adapter for the ops, pooling and normalisation of the prompt, and the Linear wra
 a module's output with its slice of the current call's vectors."""
 import contextlib
 import math
+import operator
 import threading
-from typing import List, Optional, Sequence
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -13,10 +14,11 @@ from torch import nn
 from .activations import rational_init
 from . import ops, reference
 from .config import PedroConfig
-from .routing import PedroCall, RowPlan, StaticRouting, current_call
+from .routing import PedroCall, RowPlan, StaticRouting, current_call, mean_pool_weights
 
 BANK_KEYS = ("w_down", "b_down", "rat_num", "rat_den", "w_up", "b_up")
 NORM_EPS = 1e-6
+_VERSION = operator.attrgetter("_version")
 
 
 def _without_check_ids(op):
@@ -73,28 +75,33 @@ class PedroAdapterWeights(nn.Module):
 
 
 def pool(x: torch.Tensor, mask: Optional[torch.Tensor], mode: str,
-         query: Optional[torch.Tensor] = None) -> torch.Tensor:
+         query: Optional[torch.Tensor] = None,
+         mean_weights: Optional[torch.Tensor] = None) -> torch.Tensor:
     """[B, T, d] -> [B, d] over the positions where mask [B, T] is True (all if None); fp32,
     also under torch.autocast (which would run the attention scores in bfloat16 / float16).
-    A row without any such position pools to zeros."""
-    if not torch.amp.is_autocast_available(x.device.type):
-        return _pool(x, mask, mode, query)
-    with torch.autocast(x.device.type, enabled=False):
-        return _pool(x, mask, mode, query)
+    A row without any such position pools to zeros. mean_weights: mean_pool_weights(mask, ...)
+    when the caller pools several tensors with one mask (a call's layers)."""
+    kind = x.device.type
+    if not (torch.amp.is_autocast_available(kind) and torch.is_autocast_enabled(kind)):
+        return _pool(x, mask, mode, query, mean_weights)
+    with torch.autocast(kind, enabled=False):
+        return _pool(x, mask, mode, query, mean_weights)
 
 
-def _pool(x, mask, mode, query):
-    xf = x.float()
-    if mask is None:
-        mask = torch.ones(x.shape[:2], dtype=torch.bool, device=x.device)
-    if mask.shape != x.shape[:2]:
+def _pool(x, mask, mode, query, mean_weights):
+    if mask is not None and mask.shape != x.shape[:2]:
         raise ValueError(f"PEDRO pooling: prompt mask has shape {tuple(mask.shape)} but the hidden "
                          f"states are {tuple(x.shape[:2])} (batch, positions)")
+    xf = x.float()
+    if mode == "mean":
+        if mean_weights is None:
+            mean_weights = mean_pool_weights(mask, x.shape[0], x.shape[1], x.device)
+        return torch.bmm(mean_weights, xf).squeeze(1)
+    if mask is None:
+        mask = torch.ones(x.shape[:2], dtype=torch.bool, device=x.device)
     m = mask.unsqueeze(-1)
     has_tokens = mask.any(1, keepdim=True)
-    if mode == "mean":
-        out = (xf * m).sum(1) / m.sum(1).clamp(min=1)
-    elif mode == "last":
+    if mode == "last":
         pos = torch.arange(x.shape[1], device=x.device)
         last = (mask * pos).argmax(1)
         out = xf[torch.arange(x.shape[0], device=x.device), last]
@@ -110,12 +117,13 @@ def _pool(x, mask, mode, query):
 
 
 def normalise(pooled: torch.Tensor, mode: str) -> torch.Tensor:
-    """[B, d] fp32: "none", "rms" (x / rms(x)) or "layer" ((x - mean) / std), per row."""
+    """[B, d] fp32: "none", "rms" (x / rms(x)) or "layer" ((x - mean) / std), per row; one
+    fused call each (prefill runs it in every layer)."""
     if mode == "none":
         return pooled
     if mode == "layer":
-        pooled = pooled - pooled.mean(-1, keepdim=True)
-    return pooled * torch.rsqrt(pooled.pow(2).mean(-1, keepdim=True) + NORM_EPS)
+        return F.layer_norm(pooled, pooled.shape[-1:], eps=NORM_EPS)
+    return F.rms_norm(pooled, pooled.shape[-1:], eps=NORM_EPS)
 
 
 class PedroLayerBank(nn.Module):
@@ -131,15 +139,25 @@ class PedroLayerBank(nn.Module):
         self.adapters = nn.ModuleDict()
         self.order: List[str] = []  # bank index -> adapter name (set by PedroModel)
         self.computations = 0  # statistics for tests and profiling; no routing state
-        self._cache = None  # (key, stacked dict) for inference
-        self._params = None  # the adapters' parameters, listed once per bank change
+        self._cache = None  # (snapshot, (dtype, device), versions, stacked dict) for inference
+        self._params = None  # the snapshot: (order, each adapter's parameters)
 
     def invalidate(self):
         self._cache = self._params = None
 
-    def _stack(self, dtype, device, indices: Optional[Sequence[int]] = None):
-        """The bank of the adapters at `indices` of `order` (all if None), in that order."""
-        names = self.order if indices is None else [self.order[i] for i in indices]
+    # Moves and casts (.to, .half, ...) and state-dict loads (also assign=True, which replaces the
+    # Parameter objects) change the weights without an in-place edit: rebuild the stack.
+    def _apply(self, fn, recurse=True):
+        out = super()._apply(fn, recurse)
+        self.invalidate()
+        return out
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        super()._load_from_state_dict(*args, **kwargs)
+        self.invalidate()
+
+    def _stack(self, dtype, device, names: Sequence[str]):
+        """The bank of the adapters `names`, in that order."""
         ws = [self.adapters[n] for n in names]
         r = max(w.w_down.shape[1] for w in ws)
         nl = max(w.rat_num.shape[0] for w in ws)
@@ -169,21 +187,36 @@ class PedroLayerBank(nn.Module):
         return torch.is_grad_enabled() and any(p.requires_grad for w in self.adapters.values()
                                                for p in w.parameters())
 
-    def stacked(self, dtype, device):
-        """Every adapter's bank for inference, cached until a weight changes."""
-        params = self._params  # one read: another thread may invalidate meanwhile
-        if params is None:
-            params = self._params = [p for w in self.adapters.values() for p in w.parameters()]
-        # Keyed on the weights' version counters: an in-place edit (load_state_dict, a manual
-        # edit under no_grad) rebuilds the stack; a stale stack written by a racing thread
-        # carries its old key and is never used.
-        key = (dtype, device, sum(p._version for p in params))
+    def _snapshot(self) -> Tuple[List[str], List[List[nn.Parameter]]]:
+        """(bank order, each index's parameters), listed once per bank change. Tied to the
+        order list's identity (PedroModel sets a new list at every change), so a listing made
+        by a thread that raced a change is never taken for the new order."""
+        snapshot = self._params  # one read: another thread may invalidate meanwhile
+        order = self.order
+        if snapshot is None or snapshot[0] is not order:
+            snapshot = self._params = (order, [list(self.adapters[n].parameters()) for n in order])
+        return snapshot
+
+    def stacked(self, dtype, device, used: Sequence[int]):
+        """Every adapter's bank for inference, cached until a weight of an adapter in `used`
+        (the bank indices a call reads) changes."""
+        # Checked on the weights' version counters, for the adapters the call reads only, so a
+        # prefill's cost does not grow with the number of adapters loaded: an in-place edit
+        # (load_state_dict, a manual edit under no_grad) rebuilds the stack when a call reads
+        # that adapter (an edit through .data has a counter of its own and is not seen). A
+        # stack belongs to the snapshot it was built from, and the counters are read before
+        # stacking: a stack that raced a bank change or an edit is rebuilt by the next call.
+        snapshot = self._snapshot()
+        order, params = snapshot
         cache = self._cache  # one read: another thread may invalidate meanwhile
-        if cache is None or cache[0] != key:
-            with torch.no_grad():
-                cache = (key, self._stack(dtype, device))
-            self._cache = cache
-        return cache[1]
+        if cache is not None and cache[0] is snapshot and cache[1] == (dtype, device) and all(
+                sum(map(_VERSION, params[i])) == cache[2][i] for i in used):
+            return cache[3]
+        versions = [sum(map(_VERSION, p)) for p in params]
+        with torch.no_grad():
+            cache = (snapshot, (dtype, device), versions, self._stack(dtype, device, order))
+        self._cache = cache
+        return cache[3]
 
     def compute(self, call: PedroCall, x: torch.Tensor) -> None:
         """This layer's vectors for the call's rows, from the generator input x [rows, T, d]."""
@@ -193,9 +226,9 @@ class PedroLayerBank(nn.Module):
             # writes gradients for those alone, and the others get none (no decay, no momentum
             # step), however many adapters the bank holds.
             used, ids, gather = plan.local
-            bank = self._stack(x.dtype, x.device, used)
+            bank = self._stack(x.dtype, x.device, [self.order[i] for i in used])
         else:
-            bank = self.stacked(x.dtype, x.device)
+            bank = self.stacked(x.dtype, x.device, plan.used)
             ids, gather = plan.ids, plan.gather
         pooled = self._pooled(x, plan, bank, gather)
         if self.training and plan.dropout is not None:
@@ -217,7 +250,8 @@ class PedroLayerBank(nn.Module):
 
     def _pooled(self, x, plan: RowPlan, bank, gather):
         query = bank["att_query"][gather] if "att_query" in bank else None
-        pooled = self._per_group(plan.poolings, lambda mode: pool(x, plan.mask, mode, query),
+        pooled = self._per_group(plan.poolings, lambda mode: pool(
+            x, plan.mask, mode, query, plan.mean_weights(x.shape[1]) if mode == "mean" else None),
                                  x.shape[0], x.shape[2], x.device)
         pooled = self._per_group(plan.norms, lambda mode: normalise(pooled, mode),
                                  x.shape[0], x.shape[2], x.device)

@@ -18,7 +18,7 @@ import contextlib
 import contextvars
 import functools
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -40,6 +40,17 @@ def entered(call: "PedroCall"):
         _CURRENT.reset(token)
 
 
+def mean_pool_weights(mask: Optional[torch.Tensor], rows: int, length: int,
+                      device) -> torch.Tensor:
+    """[rows, 1, T] fp32: 1 / (the row's number of positions) where mask [rows, T] is True (all
+    positions if None), else 0, so that mean pooling is one batched matmul (a row without
+    positions pools to zeros)."""
+    if mask is None:
+        return torch.full((rows, 1, length), 1.0 / length, device=device)
+    m = mask.to(torch.float32)
+    return (m / m.sum(1, keepdim=True).clamp(min=1)).unsqueeze(1)
+
+
 @dataclass(frozen=True)
 class RowSetting:
     """How a row's adapter turns its prompt into a pooled generator input."""
@@ -59,17 +70,31 @@ class RowPlan:
     poolings: List[Tuple[str, Optional[torch.Tensor]]]  # (mode, rows [rows] bool or None = all)
     norms: List[Tuple[str, Optional[torch.Tensor]]]
     dropout: Optional[torch.Tensor]  # [rows] rates, None = no dropout
+    _mean_weights: Dict[int, torch.Tensor] = field(default_factory=dict)
+
+    def mean_weights(self, length: int) -> torch.Tensor:
+        """mean_pool_weights of this plan's mask, once per call (every layer pools with it)."""
+        w = self._mean_weights.get(length)
+        if w is None:
+            w = self._mean_weights[length] = mean_pool_weights(
+                self.mask, self.ids.shape[0], length, self.ids.device)
+        return w
 
     @functools.cached_property
     def local(self) -> Tuple[List[int], torch.Tensor, torch.Tensor]:
         """(used, local_ids, local_gather) for a training bank that stacks only the adapters
         the rows use: their bank indices ascending, the ids as positions in that list (-1
         stays -1) and those clamped at 0. Computed on first use: serving never needs them."""
-        used = torch.unique(self.ids_host[self.ids_host >= 0])  # sorted
+        used = torch.tensor(self.used, dtype=torch.int64)
         local = torch.where(self.ids_host < 0, -1, torch.searchsorted(used, self.ids_host))
         device = self.ids.device
-        return (used.tolist(), local.to(device, non_blocking=True),
+        return (self.used, local.to(device, non_blocking=True),
                 local.clamp(min=0).to(device, non_blocking=True))
+
+    @functools.cached_property
+    def used(self) -> List[int]:
+        """The bank indices the rows read, ascending."""
+        return sorted({i for i in self.ids_host.tolist() if i >= 0})
 
 
 def _groups(values: Sequence[Optional[str]], device) -> List[Tuple[str, Optional[torch.Tensor]]]:

@@ -331,6 +331,91 @@ def test_weights_edited_in_place_in_eval_mode_are_used_at_the_next_call():
         assert torch.equal(pedro(ids).logits, base)
 
 
+def test_the_stack_is_checked_for_the_adapters_a_call_reads(monkeypatch):
+    """A call checks the cached stack against the adapters its rows use only (a prefill's cost
+    does not grow with the adapters loaded); an edit to another adapter is picked up by the
+    first call that reads it, and the results always match a freshly built model."""
+    from pedro_ext.layer import PedroLayerBank
+
+    def build():
+        pedro = get_pedro_model(tiny_model(), PedroConfig(r=4), adapter_name="a")
+        pedro.add_adapter("b", PedroConfig(r=3))
+        for i, name in enumerate(("a", "b")):
+            randomize_adapter(pedro, name, seed=10 + i)
+        return pedro.eval()
+
+    pedro, ids = build(), prompts(batch=2)
+    stacks = []
+    real_stack = PedroLayerBank._stack
+    monkeypatch.setattr(PedroLayerBank, "_stack",
+                        lambda self, *a, **k: stacks.append(self.layer) or real_stack(self, *a, **k))
+    with torch.no_grad():
+        pedro(ids, adapter_names=["a", "a"])
+        layers = len(stacks)
+        assert layers == len(pedro.banks)
+        for p in pedro.adapter_parameters("b"):
+            p.mul_(2)
+        only_a = pedro(ids, adapter_names=["a", "a"]).logits
+        assert len(stacks) == layers, "b's edit must not rebuild a call that reads only a"
+        mixed = pedro(ids, adapter_names=["a", "b"]).logits
+        assert len(stacks) == 2 * layers, "the first call that reads b rebuilds every layer"
+        fresh = build()
+        for p in fresh.adapter_parameters("b"):
+            p.mul_(2)
+        assert torch.equal(only_a, fresh(ids, adapter_names=["a", "a"]).logits)
+        assert torch.equal(mixed, fresh(ids, adapter_names=["a", "b"]).logits)
+
+
+def _three_randomized():
+    pedro = get_pedro_model(tiny_model(), PedroConfig(r=4), adapter_name="a")
+    for name in ("b", "c"):
+        pedro.add_adapter(name, PedroConfig(r=4))
+    for i, name in enumerate(("a", "b", "c")):
+        randomize_adapter(pedro, name, seed=10 + i)
+    return pedro.eval()
+
+
+@pytest.mark.parametrize("change", ["delete", "add"])
+def test_a_stack_built_before_a_bank_change_is_never_used_after_it(change):
+    """A thread that stacked the bank before another deleted or added an adapter may write its
+    stack last; the next call must still read the adapters of the new order."""
+    pedro, ids = _three_randomized(), prompts(batch=2)
+    with torch.no_grad():
+        pedro(ids, adapter_names=["b", "c"])
+        late = {key: bank._cache for key, bank in pedro.banks.items()}
+        if change == "delete":
+            pedro.delete_adapter("a")
+        else:
+            pedro.add_adapter("d", PedroConfig(r=4))
+            randomize_adapter(pedro, "d", seed=20)
+        for key, bank in pedro.banks.items():
+            bank._cache = late[key]  # the racing thread's write
+        names = ["b", "c"] if change == "delete" else ["c", "d"]
+        got = pedro(ids, adapter_names=names).logits
+        for bank in pedro.banks.values():
+            bank.invalidate()
+        assert torch.equal(got, pedro(ids, adapter_names=names).logits)
+
+
+@pytest.mark.parametrize("change", ["cast", "assign"])
+def test_casts_and_assigning_loads_rebuild_the_stack(change):
+    pedro, ids = _three_randomized(), prompts(batch=2)
+    names = ["a", "b"]
+    with torch.no_grad():
+        before = pedro(ids, adapter_names=names).logits
+        if change == "cast":  # the weights round through half precision
+            pedro.half()
+            pedro.float()
+        else:  # new Parameter objects
+            state = {k: v * 2 for k, v in pedro.state_dict().items() if ".adapters.b." in k}
+            pedro.load_state_dict(state, strict=False, assign=True)
+        got = pedro(ids, adapter_names=names).logits
+        for bank in pedro.banks.values():
+            bank.invalidate()
+        want = pedro(ids, adapter_names=names).logits
+    assert not torch.equal(want, before) and torch.equal(got, want)
+
+
 def test_copies_and_pickles_are_independent_models():
     import copy
     import pickle

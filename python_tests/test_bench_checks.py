@@ -160,6 +160,21 @@ def test_compiled_scaling_ab_times_both_ways_of_scaling_beside_base(tmp_path):
     assert result["paired"]["1"]["n"] == 1 and result["paired"]["1"]["median"] > 0
 
 
+def test_prefill_adapters_pairs_each_round_beside_base(tmp_path):
+    subprocess.run([sys.executable, "-m", "bench.prefill_adapters", "--adapters", "2", "3",
+                    "--rounds", "4", "--out", str(tmp_path)],
+                   cwd=ROOT, check=True, capture_output=True, timeout=600)
+    with open(tmp_path / "prefill_adapters.json") as f:
+        rows = json.load(f)["rows"]
+    assert [r["adapters"] for r in rows] == [2, 3]
+    for r in rows:
+        base, pedro = r["times_ms"]["base"], r["times_ms"]["pedro"]
+        assert len(base) == len(pedro) == 4 and min(base + pedro) > 0
+        deltas = sorted(p - b for p, b in zip(pedro, base))
+        assert r["delta_ms"] == pytest.approx((deltas[1] + deltas[2]) / 2)
+        assert r["delta_q1_ms"] <= r["delta_ms"] <= r["delta_q3_ms"]
+
+
 def test_compiled_scaling_ab_pairs_rounds_and_skips_refused_figures():
     from bench.compiled_scaling_ab import CONTROL, paired
     runs = {"pedro": [[9.0, 1.0, 1.0, 3.0], [9.0, 2.0, 2.0]], CONTROL: [[9.0, 2.0, 2.0, 1.0],

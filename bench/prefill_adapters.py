@@ -27,13 +27,22 @@ def measure(adapters: int, rounds: int) -> dict:
                        methods=("base",))
     ids, mask = bench._prompts(1)
     generate = {m: bench._setup(m) for m in ("base", "pedro")}
+    pedro = generate["pedro"].pedro
+    if len(pedro.peft_config) != adapters:
+        raise RuntimeError(f"PEDRO holds {len(pedro.peft_config)} adapters, {adapters} were asked for")
 
     def ttft_ms(method):
+        computed = pedro.vector_computations
         start = time.perf_counter()
         with torch.no_grad():
             generate[method](1, input_ids=ids, attention_mask=mask, max_new_tokens=1,
                              min_new_tokens=1, do_sample=False, pad_token_id=0)
-        return (time.perf_counter() - start) * 1e3
+        elapsed = (time.perf_counter() - start) * 1e3
+        want = len(pedro.banks) if method == "pedro" else 0  # PEDRO's prefill ran, base's not
+        if pedro.vector_computations - computed != want:
+            raise RuntimeError(f"{method}: {pedro.vector_computations - computed} layers computed "
+                               f"vectors, {want} expected; the figure would not be PEDRO's")
+        return elapsed
 
     for method in ("base", "pedro") * 2:  # warm-up
         ttft_ms(method)
@@ -56,8 +65,10 @@ def main(argv=None):
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
-    if args.rounds < 4:
-        ap.error("--rounds must be at least 4 (the IQR of the paired differences)")
+    if args.rounds < 4 or args.rounds % 2:
+        ap.error("--rounds must be even (each side first in half the rounds) and at least 4")
+    if min(args.adapters) < 1:
+        ap.error("--adapters: every count must be at least 1")
     torch.set_num_threads(args.threads)
     rows = [measure(n, args.rounds) for n in args.adapters]
     print("| adapters loaded | base TTFT ms | PEDRO TTFT ms | PEDRO - base, median (IQR) ms |")

@@ -156,6 +156,10 @@ class PedroLayerBank(nn.Module):
         super()._load_from_state_dict(*args, **kwargs)
         self.invalidate()
 
+    def __setstate__(self, state):  # copies and unpickled models hold Parameters of their own
+        super().__setstate__(state)
+        self.invalidate()
+
     def _stack(self, dtype, device, names: Sequence[str]):
         """The bank of the adapters `names`, in that order."""
         ws = [self.adapters[n] for n in names]
@@ -220,6 +224,8 @@ class PedroLayerBank(nn.Module):
 
     def compute(self, call: PedroCall, x: torch.Tensor) -> None:
         """This layer's vectors for the call's rows, from the generator input x [rows, T, d]."""
+        if call.order is not self.order:
+            raise RuntimeError(_BANK_CHANGED)
         plan = call.plan(x)
         if self.differentiable():
             # Training stacks the batch's adapters only (rebuilt every call): the backward then
@@ -262,6 +268,9 @@ class PedroLayerBank(nn.Module):
         return pooled
 
 
+_BANK_CHANGED = (
+    "PEDRO: adapters were added, deleted or moved while this call ran (another thread?); its "
+    "adapter ids refer to the old set. Change adapters between calls, not during one.")
 _OUTSIDE_CALL = (
     "PEDRO: a PEDRO layer ran outside any PedroModel call. Call the PedroModel or its base model "
     "(not a decoder layer on its own); with gradient checkpointing, enable it through "

@@ -223,6 +223,7 @@ class PedroModel(PreTrainedModel):
         self.active_adapters: List[str] = []
         self.banks: Dict[int, PedroLayerBank] = {}
         self._index: Dict[str, int] = {}
+        self._order: List[str] = []
         self._layers_enabled = True
         self._static = StaticRouting()
         self._undo: List[tuple] = []  # how to restore the base model, applied newest first
@@ -360,14 +361,14 @@ class PedroModel(PreTrainedModel):
         """Remove an adapter. If it was the active one, the first remaining adapter becomes
         active; after the last one, calls run the base model until an adapter is added."""
         self._require(adapter_name)
+        del self.peft_config[adapter_name]
+        self._bank_changed()  # first: a call in flight then fails cleanly instead of reading a gap
         for bank in self.banks.values():
             del bank.adapters[adapter_name]
-        del self.peft_config[adapter_name]
         if adapter_name in self.active_adapters:
             self.active_adapters = []
             if self.peft_config:
                 self.set_adapter(next(iter(self.peft_config)))
-        self._bank_changed()
 
     def set_adapter(self, adapter_name: str, inference_mode: bool = False) -> None:
         """Make one adapter active: the default for rows without adapter_names, and trainable
@@ -412,9 +413,11 @@ class PedroModel(PreTrainedModel):
 
     def _bank_changed(self) -> None:
         order = list(self.peft_config)
-        self._index = {n: i for i, n in enumerate(order)}
+        if order != self._order:  # a new list when the set changes: calls and banks compare
+            self._order = order   # identities (a call made before the change fails cleanly)
+            self._index = {n: i for i, n in enumerate(order)}
         for bank in self.banks.values():
-            bank.order = order
+            bank.order = self._order
             bank.invalidate()
 
     def _move_adapter(self, name: str, device) -> None:
@@ -474,6 +477,7 @@ class PedroModel(PreTrainedModel):
                 raise ValueError(f"adapter_names has {len(names)} entries but the batch has "
                                  f"{batch} rows; give one name (or None / '__base__') per row")
         off = not self._layers_enabled or id(self) in _DISABLED.get() or not self.banks
+        order = self._order  # read before the index: a change in between fails in the layers
         ids, settings = [], []
         for n in names:
             if n in BASE_NAMES:
@@ -488,7 +492,7 @@ class PedroModel(PreTrainedModel):
             settings.append(None if off else RowSetting(cfg.pooling, cfg.pool_norm, cfg.dropout))
         return PedroCall(self, ids, settings, self._pool_mask(batch, attention_mask, prompt_mask,
                                                               prompt_lengths),
-                         reuse=reuse, direct=direct, dropout=dropout)
+                         reuse=reuse, direct=direct, dropout=dropout, order=order)
 
     @staticmethod
     def _pool_mask(batch, attention_mask, prompt_mask, prompt_lengths) -> Optional[torch.Tensor]:

@@ -110,9 +110,10 @@ class PedroCall:
 
     def __init__(self, model, ids: List[int], settings: List[Optional[RowSetting]],
                  pool_mask: Optional[torch.Tensor], reuse: bool, direct: bool = False,
-                 dropout: bool = True):
+                 dropout: bool = True, order: Optional[List[str]] = None):
         self.model = model
         self.batch = len(ids)
+        self.order = order  # the adapter order the ids index (PedroModel._order when made)
         self.ids_cpu = torch.tensor(ids, dtype=torch.int64)
         self.settings = settings
         self.any_adapter = any(s is not None for s in settings)

@@ -172,7 +172,13 @@ def test_prefill_adapters_pairs_each_round_beside_base(tmp_path):
         assert len(base) == len(pedro) == 4 and min(base + pedro) > 0
         deltas = sorted(p - b for p, b in zip(pedro, base))
         assert r["delta_ms"] == pytest.approx((deltas[1] + deltas[2]) / 2)
-        assert r["delta_q1_ms"] <= r["delta_ms"] <= r["delta_q3_ms"]
+
+
+@pytest.mark.parametrize("args", [["--adapters", "0"], ["--rounds", "5"], ["--rounds", "2"]])
+def test_prefill_adapters_refuses_counts_it_cannot_measure(args):
+    from bench.prefill_adapters import main
+    with pytest.raises(SystemExit):
+        main(args)
 
 
 def test_compiled_scaling_ab_pairs_rounds_and_skips_refused_figures():

@@ -397,6 +397,55 @@ def test_a_stack_built_before_a_bank_change_is_never_used_after_it(change):
         assert torch.equal(got, pedro(ids, adapter_names=names).logits)
 
 
+@pytest.mark.parametrize("change", ["delete", "add"])
+def test_changing_adapters_during_a_call_fails_that_call_cleanly(change):
+    """A call's adapter ids index the adapters as they were when it started; if another thread
+    adds or deletes one meanwhile, the call raises instead of reading another adapter's
+    weights, and the next call runs with the new set."""
+    pedro, ids = _three_randomized(), prompts(batch=2)
+    first = next(iter(pedro.banks.values()))
+    hook_layer = pedro.get_base_model().model.layers[first.layer]
+
+    def other_thread(module, args):
+        handle.remove()
+        if change == "delete":
+            pedro.delete_adapter("a")
+        else:
+            pedro.add_adapter("d", PedroConfig(r=4))
+
+    handle = hook_layer.register_forward_pre_hook(other_thread)
+    with torch.no_grad(), pytest.raises(RuntimeError, match="while this call ran"):
+        pedro(ids, adapter_names=["b", "c"])
+    fresh = _three_randomized()
+    if change == "delete":
+        fresh.delete_adapter("a")
+    else:
+        fresh.add_adapter("d", PedroConfig(r=4))
+    with torch.no_grad():
+        assert torch.equal(pedro(ids, adapter_names=["b", "c"]).logits,
+                           fresh(ids, adapter_names=["b", "c"]).logits)
+
+
+def test_a_deep_copy_edited_in_place_uses_its_own_weights():
+    import copy
+
+    pedro, ids = _three_randomized(), prompts(batch=2)
+    with torch.no_grad():
+        pedro(ids, adapter_names=["a", "a"])
+        clone = copy.deepcopy(pedro)
+        # edit the copy's weights until their version counters read as the original's: the
+        # case where a stack copied with the model would pass the version check
+        for p, original in zip(clone.adapter_parameters("a"), pedro.adapter_parameters("a")):
+            assert p._version < original._version
+            while p._version < original._version:
+                p.mul_(1.5)
+        got = clone(ids, adapter_names=["a", "a"]).logits
+        for bank in clone.banks.values():
+            bank.invalidate()
+        assert torch.equal(got, clone(ids, adapter_names=["a", "a"]).logits)
+        assert not torch.equal(got, pedro(ids, adapter_names=["a", "a"]).logits)
+
+
 @pytest.mark.parametrize("change", ["cast", "assign"])
 def test_casts_and_assigning_loads_rebuild_the_stack(change):
     pedro, ids = _three_randomized(), prompts(batch=2)

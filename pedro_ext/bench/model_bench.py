@@ -211,6 +211,7 @@ class ModelBench:
             def gen(batch, **kw):
                 with ctx():
                     return pedro.generate(adapter_names=names[:batch], **kw)
+            gen.pedro = pedro  # for studies that check what ran (bench.prefill_adapters)
             return gen
         if method == "lora_peft":
             import peft

@@ -808,7 +808,7 @@ class PedroModel(PreTrainedModel):
         self._restore()
         self.peft_config = {}
         self.active_adapters = []
-        self._index = {}
+        self._index, self._order = {}, []
         self._unloaded = True
         return self.get_base_model()
 

@@ -110,7 +110,7 @@ class PedroCall:
 
     def __init__(self, model, ids: List[int], settings: List[Optional[RowSetting]],
                  pool_mask: Optional[torch.Tensor], reuse: bool, direct: bool = False,
-                 dropout: bool = True, order: Optional[List[str]] = None):
+                 dropout: bool = True, *, order: List[str]):
         self.model = model
         self.batch = len(ids)
         self.order = order  # the adapter order the ids index (PedroModel._order when made)

@@ -8,7 +8,8 @@ weights, CPU), every method with a tuned learning rate:
   mix:  one adapter for both at once (128 BBC articles + 128 Q/A pairs; test 125 + 125): the
         prompt decides the task, the case a prompt-dependent adapter is for; accuracy on the
         BBC items, loss on all (test_loss_labelled / test_loss_other per part in runs.jsonl).
-  bbc-long, chat-long: the same at twice the steps (converged training), e.g. for
+  bbc-long, chat-long, mix-long: the same at twice the steps (converged training); bbc-xl at
+        four times (evaluated every 24 steps), e.g. for
         --methods pedro,pedro-static,lora-qvu --phase sweep, then --phase final.
 Methods: pedro; pedro-static (only b_up trained: IA3 on q, v, up, the control for the
 prompt-dependent part); lora-qv and lora-qvu at PEDRO's parameter count; ia3 (peft defaults).

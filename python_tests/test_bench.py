@@ -1,5 +1,6 @@
 """Smoke test of `python -m pedro_ext.bench --quick` on the tiny preset: schema and sanity."""
 import json
+import statistics
 import subprocess
 import sys
 
@@ -67,8 +68,14 @@ def test_model_rows_are_per_step_with_spread(quick_run):
             assert r["median_ms"] == r["tpot_ms"]["median"]
             assert r["tokens_per_s"] == pytest.approx(r["batch_size"] * 1e3 / r["median_ms"])
             assert r["prefill_ms"] == r["ttft_ms"]["median"]
+            # one median per timed round, each within the pooled steps' range
+            assert len(r["round_medians_ms"]) == p["model_rounds"]
+            assert all(r["tpot_ms"]["minimum"] <= m <= r["tpot_ms"]["maximum"]
+                       for m in r["round_medians_ms"])
         else:
             assert r["ttft_ms"]["n"] == p["model_rounds"] and r["median_ms"] == r["ttft_ms"]["median"]
+            assert len(r["round_medians_ms"]) == p["model_rounds"]  # one prefill per round
+            assert r["median_ms"] == pytest.approx(statistics.median(r["round_medians_ms"]))
             assert r["tokens_per_s"] == pytest.approx(
                 r["batch_size"] * p["model_prompt_len"] * 1e3 / r["median_ms"])
     # each phase's ratio to base comes from that phase's own base row

@@ -2,6 +2,7 @@
 refuse impossible figures, outlier flags, and the README generator (every figure from the json)."""
 import json
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -10,7 +11,7 @@ import pytest
 import torch
 
 from pedro_ext.bench import PRESETS
-from pedro_ext.bench.report import console_report, markdown, markers, ms
+from pedro_ext.bench.report import _targets, console_report, markdown, markers, ms
 from pedro_ext.bench.sanity import MIN_MS, flag_rows, refusal, weight_floor_ms
 from pedro_ext.bench.timing import Stats, StepClock
 
@@ -96,6 +97,30 @@ def test_flags_noisy_rows_and_faster_than_base():
     flag_rows(rows)
     assert "slower than 2 of 2" in rows[0]["flags"][0]
     assert not rows[1]["flags"] and not rows[2]["flags"]
+
+
+def test_flags_a_round_that_ran_at_another_speed_and_the_verdict_says_so():
+    """The first GPU run's bare model had one round of three at about 5x the others' step
+    time: its pooled median and PEDRO's ratio to it mixed two states of the machine."""
+    def model_row(method, rounds):
+        return dict(_row(method, 8, statistics.median(rounds), level="model"),
+                    round_medians_ms=rounds, tokens_per_s_vs_base=0.995)
+    steady = [model_row("base", [8.0, 8.2, 8.1]), model_row("pedro", [8.1, 8.3, 8.2])]
+    flag_rows(steady)
+    assert not any(r["flags"] for r in steady)
+    assert "B=8: 0.995x: met." in "".join(_targets(steady))
+    slow = [model_row("base", [8.0, 60.0, 8.1]), model_row("pedro", [8.1, 8.3, 8.2])]
+    flag_rows(slow)
+    assert slow[0]["flags"] == ["rounds disagree: round medians 8-60 ms (slowest: round 2 of 3); "
+                                "the pooled figures mix the rounds"]
+    assert not slow[1]["flags"]
+    verdict = "\n".join(_targets(slow))
+    assert "B=8: 0.995x" in verdict and "met (not reliable: the rounds of base ran" in verdict
+    # a single round, or rows without per-round figures (older json), are never flagged
+    for rounds in ([8.0], None):
+        row = dict(_row("base", 8, 8.0, level="model"), round_medians_ms=rounds)
+        flag_rows([row])
+        assert not row["flags"]
 
 
 def test_model_bench_refuses_a_step_faster_than_reading_the_weights(monkeypatch):

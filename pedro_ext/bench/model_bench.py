@@ -367,11 +367,14 @@ class ModelBench:
             steps = [t for run in runs[method] for t in run[1:]]
             ttfts = [run[0] for run in runs[method]]
             tpot, ttft = Stats.of(steps), Stats.of(ttfts)
+            # per round (the order the rounds ran): a round at another speed shows here
+            round_tpot = [Stats.of(run[1:]).median for run in runs[method]]
             decode = dict(row, **_fields(tpot), tpot_ms=tpot.to_dict(), ttft_ms=ttft.to_dict(),
                           prefill_ms=ttft.median, steps=tpot.n,
-                          tokens_per_s=batch * 1e3 / tpot.median)
+                          tokens_per_s=batch * 1e3 / tpot.median, round_medians_ms=round_tpot)
             prefill = dict(row, phase="prefill", **_fields(ttft), ttft_ms=ttft.to_dict(),
-                           prefill_ms=ttft.median, tokens_per_s=batch * plen * 1e3 / ttft.median)
+                           prefill_ms=ttft.median, tokens_per_s=batch * plen * 1e3 / ttft.median,
+                           round_medians_ms=ttfts)
             for r, samples, what in ((decode, steps, "the fastest decoding step"),
                                      (prefill, ttfts, "the fastest prefill")):
                 reason = refusal(min(samples), floor, what)

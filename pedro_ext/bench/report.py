@@ -13,6 +13,7 @@ import argparse
 import json
 import os
 from typing import List, Optional
+from .sanity import rounds_disagree
 
 METHOD_ORDER = ("base", "pedro", "pedro_reference", "lora_single", "lora_bmm", "lora_bgmv",
                 "lora_peft")
@@ -290,6 +291,11 @@ def _targets(md: List[dict]) -> List[str]:
         if p and p.get("tokens_per_s_vs_base"):
             st = p.get("vs_base_rounds") or {}
             verdict = "met" if p["tokens_per_s_vs_base"] >= 0.99 else "missed"
+            unsteady = [m for m in ("base", "pedro")
+                        if rounds_disagree(dec.get((m, b)) or {})]
+            if unsteady:
+                verdict += (f" (not reliable: the rounds of {' and '.join(unsteady)} ran at "
+                            "different speeds, see the flags)")
             spread = (f", rounds {st['minimum']:.3f}-{st['maximum']:.3f}"
                       if st.get("n", 0) > 1 else "")
             readings.append(f"B={b}: {p['tokens_per_s_vs_base']:.3f}x{spread}: {verdict}")

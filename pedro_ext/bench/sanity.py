@@ -17,6 +17,9 @@ Flags (the figure stays, marked, with the reason):
   than JUMP times faster, or more than JUMP times slower than linear growth predicts; the row
   that disagrees with both neighbours (or with its only one, whose other neighbour agrees) is
   the one flagged;
+- "rounds disagree": a model-level figure whose interleaved rounds ran at different speeds (the
+  slowest round's median more than ROUND_SPREAD times the fastest's): the pooled median and
+  the ratio to base then mix two states of the machine, and the round medians are the data;
 - "vs base": an adapted method more than FASTER_THAN_BASE times faster than the base model in
   the same configuration (it does the base model's work and more); when most adapted methods
   are, the base row is flagged instead.
@@ -34,6 +37,7 @@ READ_OVER_COPY = 2.0
 NOISY_IQR = 0.5
 JUMP = 3.0
 FASTER_THAN_BASE = 1.3
+ROUND_SPREAD = 1.25
 MAX_COPY_BYTES = 2 ** 30  # larger weight sets are compared with a 1 GiB working set (past any cache)
 
 
@@ -125,6 +129,16 @@ def _flag_batch_series(members: List[dict]) -> None:
                                   f"against {nb['median_ms']:.3g} ms at B={nb['batch_size']}")
 
 
+def rounds_disagree(r: dict) -> Optional[str]:
+    """The flag of a row whose rounds ran at different speeds, else None."""
+    rounds = [m for m in r.get("round_medians_ms") or () if m is not None]
+    if len(rounds) < 2 or min(rounds) <= 0 or max(rounds) <= ROUND_SPREAD * min(rounds):
+        return None
+    slow = rounds.index(max(rounds)) + 1
+    return (f"rounds disagree: round medians {min(rounds):.3g}-{max(rounds):.3g} ms (slowest: "
+            f"round {slow} of {len(rounds)}); the pooled figures mix the rounds")
+
+
 def flag_rows(rows: List[dict]) -> None:
     """Adds `flags` (a list of reasons, empty when none) to every row, in place."""
     for r in rows:
@@ -134,6 +148,9 @@ def flag_rows(rows: List[dict]) -> None:
             med, iqr = r.get(med_key), r.get(iqr_key)
             if med and iqr is not None and iqr > NOISY_IQR * med:
                 r["flags"].append(f"noisy{what}: IQR {100 * iqr / med:.0f}% of the median")
+        reason = rounds_disagree(r)
+        if reason:
+            r["flags"].append(reason)
     series: Dict[tuple, List[dict]] = defaultdict(list)
     configs: Dict[tuple, List[dict]] = defaultdict(list)
     for r in rows:

@@ -146,6 +146,24 @@ def test_model_bench_refuses_a_step_faster_than_reading_the_weights(monkeypatch)
     assert text.count("REFUSED") >= 4 and "faster than reading the weights" in text
 
 
+def test_model_bench_warms_up_at_the_timed_length(monkeypatch):
+    """The warm-up round grows every method's KV cache to the timed rounds' length, so the
+    first timed round does not pay for the allocator's first reservations."""
+    from pedro_ext.bench.model_bench import ModelBench
+    preset = PRESETS["tiny"].replace(model_batches=(2,), model_new_tokens=4, model_rounds=2)
+    mb = ModelBench(preset, torch.device("cpu"), methods=("base", "pedro"))
+    asked = []
+    generate = ModelBench._generate
+
+    def recording(self, setup, batch, ids, mask, new):
+        asked.append(new)
+        return generate(self, setup, batch, ids, mask, new)
+    monkeypatch.setattr(ModelBench, "_generate", recording)
+    rows = mb.rows()
+    assert asked == [4] * 2 * (1 + 2)  # two methods, a warm-up round and two timed rounds
+    assert all(r["rounds"] == 2 for r in rows)
+
+
 def test_time_limit_stops_new_configurations_and_says_so():
     from pedro_ext.bench.kernel_bench import KernelBench
     kb = KernelBench(PRESETS["tiny"], torch.device("cpu"))

@@ -17,6 +17,10 @@ token selection), the same for every method.
 
 Rounds: one untimed warm-up round, then `model_rounds` timed rounds; in each round every
 method runs once, in a balanced order (timing.round_order), so machine drift hits them alike.
+The warm-up generates as many tokens as a timed round: the first call to grow the KV cache to
+its full length makes the CUDA caching allocator reserve memory (the blocks are then reused),
+and after a short warm-up that fell on the first timed round's first method (on the first GPU
+run, every batch size's bare model had one round at about 5x the others' step time).
 Reported: median and IQR over all steps of all timed rounds (TPOT) and over rounds (TTFT), and
 the ratio to base per round. Figures faster than reading the weights once are refused (sanity.py).
 
@@ -46,7 +50,6 @@ from .timing import Stats, StepClock, round_order
 LORA_TARGETS = ["q_proj", "v_proj"]
 METHODS = ("base", "pedro", "pedro_reference", "lora_bmm", "lora_bgmv", "lora_peft")
 MODES = ("eager", "compiled", "cuda_graph", "compiled+cuda_graph")
-WARMUP_NEW_TOKENS = 3  # eager warm-up; compiled modes warm up at full length (one cache shape)
 PROMPT_TEXT = (
     "The committee met on Tuesday to review the quarterly figures. Revenue grew in every region "
     "except the north, where a late harvest delayed shipments by several weeks. The chair asked "
@@ -310,10 +313,8 @@ class ModelBench:
                     continue
                 before, skips_before = _dynamo_graphs(), _cudagraph_skips()
                 try:
-                    warm = WARMUP_NEW_TOKENS if self.mode == "eager" else new
                     with torch.no_grad():
-                        intervals = self._generate(setups[method], batch, ids, mask,
-                                                   warm if rnd == 0 else new)
+                        intervals = self._generate(setups[method], batch, ids, mask, new)
                 except Exception as e:  # reported in its row; the other methods go on
                     errors[method] = f"{type(e).__name__}: {str(e)[:300]}"
                     self.messages.append(f"model level B={batch} {method}: {errors[method]}")

@@ -19,8 +19,9 @@ Rounds: one untimed warm-up round, then `model_rounds` timed rounds; in each rou
 method runs once, in a balanced order (timing.round_order), so machine drift hits them alike.
 The warm-up generates as many tokens as a timed round: the first call to grow the KV cache to
 each length pays for what a GPU sets up once per shape (the caching allocator's reservations,
-attention kernels' plans), and after a short warm-up that fell on the first timed round's first method (on the first GPU
-run, every batch size's bare model had one round at about 5x the others' step time).
+attention kernels' plans), and after a short warm-up that fell on the first timed round's
+first method (on the first GPU run, every batch size's bare model had one round several times
+slower than its others).
 Reported: median and IQR over all steps of all timed rounds (TPOT) and over rounds (TTFT), and
 the ratio to base per round. Figures faster than reading the weights once are refused (sanity.py).
 

@@ -1,6 +1,7 @@
 """PedroConfig: what a PEDRO adapter is, saved as adapter_config.json (peft's layout)."""
 import dataclasses
 import json
+import numbers
 import os
 from dataclasses import dataclass, field
 from typing import List, Mapping, Optional, Tuple
@@ -39,6 +40,14 @@ def check_adapter_tensors(tensors: Mapping, shapes: Mapping[str, Tuple[int, ...]
         if not t.isfinite().all():
             raise ValueError(f"{where}: {key} holds non-finite values (NaN or inf); the adapter "
                              "would give NaN outputs for its requests")
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, numbers.Integral) and not isinstance(x, bool)
+
+
+def _is_number(x) -> bool:
+    return isinstance(x, numbers.Real) and not isinstance(x, bool)
 
 
 @dataclass
@@ -100,21 +109,39 @@ class PedroConfig:
     def __post_init__(self):
         if isinstance(self.target_modules, str):
             self.target_modules = [self.target_modules]
-        self.rational_degrees = tuple(int(x) for x in self.rational_degrees)
-        if not isinstance(self.r, int) or self.r < 1:
+        degrees = self.rational_degrees
+        if isinstance(degrees, (str, bytes)) or not hasattr(degrees, "__len__") or \
+                len(degrees) != 2 or not all(_is_int(x) and x >= 0 for x in degrees):
+            raise ValueError(f"PedroConfig.rational_degrees must be (m >= 0, n >= 0), two ints, got "
+                             f"{degrees!r}")
+        self.rational_degrees = tuple(int(x) for x in degrees)
+        if not _is_int(self.r) or self.r < 1:
             raise ValueError(f"PedroConfig.r must be a positive int, got {self.r!r}")
         if self.pooling not in POOLING_MODES:
             raise ValueError(f"PedroConfig.pooling must be one of {POOLING_MODES}, got {self.pooling!r}")
-        m, n = self.rational_degrees
-        if len(self.rational_degrees) != 2 or m < 0 or n < 0:
-            raise ValueError(f"PedroConfig.rational_degrees must be (m >= 0, n >= 0), got {self.rational_degrees}")
         if self.rational_init not in ("gelu", "identity"):
             raise ValueError(f"PedroConfig.rational_init must be 'gelu' or 'identity', got {self.rational_init!r}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"PedroConfig.dropout must be in [0, 1), got {self.dropout}")
+        if not (_is_number(self.dropout) and 0.0 <= self.dropout < 1.0):
+            raise ValueError(f"PedroConfig.dropout must be a number in [0, 1), got {self.dropout!r}")
+        for name in ("rational_trainable", "pool_norm_affine", "inference_mode"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"PedroConfig.{name} must be True or False, got "
+                                 f"{getattr(self, name)!r}")
+        if _is_int(self.layers_to_transform):  # peft accepts one index
+            self.layers_to_transform = [self.layers_to_transform]
+        if self.layers_to_transform is not None and (
+                isinstance(self.layers_to_transform, (str, bytes, set, frozenset, dict))
+                or not all(_is_int(i) and i >= 0 for i in self.layers_to_transform)):
+            raise ValueError(f"PedroConfig.layers_to_transform must be None, a layer index or a list "
+                             f"of indices >= 0, got {self.layers_to_transform!r}")
+        if isinstance(self.base_model_name_or_path, os.PathLike):
+            self.base_model_name_or_path = os.fspath(self.base_model_name_or_path)
+        if not isinstance(self.base_model_name_or_path, (str, type(None))):
+            raise ValueError(f"PedroConfig.base_model_name_or_path must be a string or None, got "
+                             f"{self.base_model_name_or_path!r}")
         if self.pool_norm not in POOL_NORMS:
             raise ValueError(f"PedroConfig.pool_norm must be one of {POOL_NORMS}, got {self.pool_norm!r}")
-        if not (isinstance(self.init_scale, (int, float)) and 0 <= self.init_scale < float("inf")):
+        if not (_is_number(self.init_scale) and 0 <= self.init_scale < float("inf")):
             raise ValueError(f"PedroConfig.init_scale must be a finite number >= 0, got {self.init_scale!r}")
         self.task_type = getattr(self.task_type, "value", self.task_type)  # peft's TaskType enum
         if self.task_type not in TASK_TYPES:
@@ -140,11 +167,15 @@ class PedroConfig:
         cfg.extra.update({k: d[k] for k in unknown})
         return cfg
 
-    def save_pretrained(self, save_directory: str, file: Optional[str] = None) -> None:
-        """Write adapter_config.json into save_directory (or to `file`)."""
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    def save_pretrained(self, save_directory: str) -> None:
+        """Write adapter_config.json into save_directory."""
+        text = self.to_json()
         os.makedirs(save_directory, exist_ok=True)
-        with open(file or os.path.join(save_directory, CONFIG_NAME), "w") as f:
-            json.dump(self.to_dict(), f, indent=2, sort_keys=True)
+        with open(os.path.join(save_directory, CONFIG_NAME), "w") as f:
+            f.write(text)
 
     @classmethod
     def from_pretrained(cls, path: str) -> "PedroConfig":

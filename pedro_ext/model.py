@@ -7,10 +7,11 @@ from a hook on the decoder stack: the active adapter for every row, as in peft.
 """
 import contextlib
 import contextvars
+import functools
 import os
 import re
 from dataclasses import dataclass
-from typing import Dict, Iterable, List, Optional, Sequence, Union
+from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
@@ -106,6 +107,12 @@ def _cached_tokens(cache) -> int:
     return int(cache[0][0].shape[-2]) if len(cache) else 0  # legacy tuple cache
 
 
+_CONTINUATION = (
+    "PEDRO: {what} on a continuation of a KV cache (a decoding step), where the prompt its "
+    "adapters pool over is no longer visible: the vectors would come from the new tokens alone. "
+    "Generate with PedroModel.generate (it computes the vectors once at prefill and reuses them), "
+    "or run those rows on the base model (adapter_names=[None] * batch, or disable_adapter())")
+
 _NO_MERGE = ("PEDRO adapters cannot be merged into the base weights: their scaling vectors are "
              "computed from each prompt, so no fixed weight change reproduces them. Use "
              "unload() to get the base model back, or keep the PedroModel for inference.")
@@ -131,14 +138,47 @@ def _read_weights(path: str):
     raise FileNotFoundError(f"no {WEIGHTS_NAME} (or {BIN_WEIGHTS_NAME}) in {path!r}")
 
 
-def _atomic_write(file: str, write) -> None:
-    tmp = f"{file}.tmp{os.getpid()}"
+def _check_positions(name: str, x) -> None:
+    if isinstance(x, torch.Tensor) and x.dim() >= 2 and x.shape[1] == 0:
+        raise ValueError(f"{name} has shape {tuple(x.shape)}, no positions: PEDRO pools each "
+                         "prompt's hidden states, so a prompt needs at least one token")
+
+
+def _write_all(writes: List[Tuple[str, Callable[[str], None]]]) -> None:
+    """Write every (file, write(path)) to a temporary file beside it, then move them all into
+    place: if any write fails, no destination has changed (folders made for it are removed)."""
+    made, temps = [], []
     try:
-        write(tmp)
-        os.replace(tmp, file)
+        for file, write in writes:
+            folder = os.path.dirname(file) or "."
+            missing = []
+            while not os.path.isdir(folder):
+                missing.append(folder)
+                folder = os.path.dirname(folder)
+            for m in reversed(missing):
+                os.mkdir(m)
+                made.append(m)
+            temps.append((f"{file}.tmp{os.getpid()}", file))
+            write(temps[-1][0])
+        for tmp, file in temps:
+            os.replace(tmp, file)
+        temps, made = [], []
     finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+        for tmp, _ in temps:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+        for m in reversed(made):
+            with contextlib.suppress(OSError):  # (not empty: a move failed after others)
+                os.rmdir(m)
+
+
+def _torch_save(tensors, file: str) -> None:
+    torch.save(tensors, file)
+
+
+def _write_text(text: str, file: str) -> None:
+    with open(file, "w") as f:
+        f.write(text)
 
 
 @dataclass
@@ -233,6 +273,7 @@ class PedroModel(PreTrainedModel):
             self._layers_to_transform = config.layers_to_transform
             self._check_compatible(adapter_name, config)
             self._wrap(model, _find_layout(model, self._targets, config.layers_to_transform))
+            self.training = self.base_model.training = model.training
             self.add_adapter(adapter_name, config)
         except BaseException:
             self._restore()
@@ -258,7 +299,9 @@ class PedroModel(PreTrainedModel):
             self._sources[idx] = source
             for slot, t in enumerate(self._targets):
                 parent, attr, linear = mods[t]
-                setattr(parent, attr, PedroLinear(linear, bank, slot, slot == 0, self._static))
+                # in the wrapped Linear's mode (an eval-mode model runs no adapter dropout)
+                setattr(parent, attr, PedroLinear(linear, bank, slot, slot == 0,
+                                                  self._static).train(linear.training))
                 self._undo.append(("module", parent, attr, linear))
             self.banks[idx] = bank
             mlp = mods[self._targets[-1]][0]
@@ -332,6 +375,8 @@ class PedroModel(PreTrainedModel):
         if not isinstance(peft_config, PedroConfig):
             raise TypeError(f"add_adapter needs a PedroConfig, got {type(peft_config).__name__}")
         self._check_compatible(adapter_name, peft_config)
+        # the adapter's own copy: the caller's object may configure other models and adapters
+        peft_config = PedroConfig.from_dict(peft_config.to_dict())
         mc = getattr(self.get_base_model(), "config", None)
         peft_config.model_type = getattr(mc, "model_type", peft_config.model_type)
         peft_config.hidden_size = getattr(mc, "hidden_size", peft_config.hidden_size)
@@ -343,7 +388,7 @@ class PedroModel(PreTrainedModel):
         try:
             for idx, bank in self.banks.items():
                 weights = PedroAdapterWeights(peft_config, bank.d, bank.big_d).to(
-                    self._sources[idx].weight.device)
+                    self._sources[idx].weight.device).train(bank.training)
                 for p in weights.parameters():
                     p.requires_grad_(False)
                 bank.adapters[adapter_name] = weights
@@ -471,6 +516,9 @@ class PedroModel(PreTrainedModel):
         elif isinstance(adapter_names, str):
             raise ValueError(f"adapter_names must be a list with one name per row, got the string "
                              f"{adapter_names!r}; e.g. adapter_names=[{adapter_names!r}] * batch")
+        elif isinstance(adapter_names, (set, frozenset, dict)):
+            raise ValueError(f"adapter_names must be a list with one name per row, in row order; "
+                             f"got a {type(adapter_names).__name__}, which has no order")
         else:
             names = list(adapter_names)
             if len(names) != batch:
@@ -553,11 +601,13 @@ class PedroModel(PreTrainedModel):
 
     @staticmethod
     def _batch_size(input_ids, kwargs) -> int:
-        if input_ids is not None:
-            return input_ids.shape[0]
-        if kwargs.get("inputs_embeds") is not None:
-            return kwargs["inputs_embeds"].shape[0]
-        raise ValueError("pass input_ids or inputs_embeds")
+        x, name = input_ids, "input_ids"
+        if x is None:
+            x, name = kwargs.get("inputs_embeds"), "inputs_embeds"
+        if x is None:
+            raise ValueError("pass input_ids or inputs_embeds")
+        _check_positions(name, x)
+        return x.shape[0]
 
     # ------------------------------------------------------------------ calls
     def forward(self, input_ids=None, attention_mask=None, labels=None, adapter_names=None,
@@ -570,6 +620,8 @@ class PedroModel(PreTrainedModel):
             self._check_checkpointing()
         call = self._make_call(batch, adapter_names, attention_mask, prompt_mask, prompt_lengths,
                                reuse=False)
+        if call.any_adapter and _cached_tokens(kwargs.get("past_key_values")):
+            raise ValueError(_CONTINUATION.format(what="PedroModel.forward was called"))
         with entered(call):
             return self.base_model(input_ids=input_ids, attention_mask=attention_mask,
                                    labels=labels, **kwargs)
@@ -589,13 +641,26 @@ class PedroModel(PreTrainedModel):
         if not isinstance(inputs, torch.Tensor):
             raise ValueError("PedroModel.generate needs the prompt as a tensor: inputs / input_ids "
                              "[batch, positions] (or inputs_embeds)")
+        _check_positions("the prompt (inputs / input_ids / inputs_embeds)", inputs)
         cache = kwargs.get("cache", kwargs.get("past_key_values"))
         if _cached_tokens(cache) > 0:
             raise ValueError(
                 "PedroModel.generate computes each prompt's vectors at prefill and cannot continue "
                 "from a cache that already holds tokens; pass the whole conversation as the prompt")
+        chunked = [getattr(c, "prefill_chunk_size", None) if not isinstance(c, dict) else
+                   c.get("prefill_chunk_size") for c in (kwargs, kwargs.get("generation_config"),
+                                                         getattr(self.get_base_model(),
+                                                                 "generation_config", None))]
+        if any(c is not None for c in chunked):
+            raise ValueError(
+                "PedroModel.generate cannot prefill in chunks (prefill_chunk_size="
+                f"{next(c for c in chunked if c is not None)}): each prompt's vectors are pooled "
+                "over the whole prompt at prefill; set prefill_chunk_size=None")
         call = self._make_call(inputs.shape[0], adapter_names, kwargs.get("attention_mask"), None,
                                None, reuse=True)
+        # without a mask HF infers one (from pad_token_id) for the model's attention; the
+        # prefill's pooling then takes that mask from the decoder stack's call
+        call.mask_from_prefill = kwargs.get("attention_mask") is None
         with contextlib.ExitStack() as stack:
             if self._uses_static_cache(kwargs, cache):
                 stack.enter_context(self._static.borrowed(call))
@@ -731,17 +796,21 @@ class PedroModel(PreTrainedModel):
             self._require(name)
         if not is_main_process:
             return
+        # Every file is written beside its destination first and the old files are replaced
+        # only once all are written: a save that fails leaves the folder as it was.
+        writes = []
         for name in names:
             path = save_directory if name == "default" else os.path.join(save_directory, name)
-            os.makedirs(path, exist_ok=True)
             tensors = self.adapter_state_dict(name, state_dict)
             if safe_serialization:
-                _atomic_write(os.path.join(path, WEIGHTS_NAME), lambda f: save_file(
-                    tensors, f, metadata={"format": "pt", "peft_type": "PEDRO"}))
+                writes.append((os.path.join(path, WEIGHTS_NAME), functools.partial(
+                    save_file, tensors, metadata={"format": "pt", "peft_type": "PEDRO"})))
             else:
-                _atomic_write(os.path.join(path, BIN_WEIGHTS_NAME), lambda f: torch.save(tensors, f))
-            _atomic_write(os.path.join(path, CONFIG_NAME),
-                          lambda f: self.peft_config[name].save_pretrained(path, file=f))
+                writes.append((os.path.join(path, BIN_WEIGHTS_NAME),
+                               functools.partial(_torch_save, tensors)))
+            config = self.peft_config[name].to_json()  # (fails here, before any write)
+            writes.append((os.path.join(path, CONFIG_NAME), functools.partial(_write_text, config)))
+        _write_all(writes)
 
     def _copy_weights(self, adapter_name: str, state: Dict[str, torch.Tensor], file: str) -> None:
         expected = self.adapter_state_dict(adapter_name)
@@ -774,6 +843,8 @@ class PedroModel(PreTrainedModel):
             self.delete_adapter(adapter_name)
             raise
         self._set_grad(adapter_name, is_trainable)
+        if not is_trainable:
+            self.eval()  # (as peft: no adapter dropout at inference)
 
     @classmethod
     def from_pretrained(cls, model: nn.Module, model_id: str, adapter_name: str = "default",
@@ -799,6 +870,8 @@ class PedroModel(PreTrainedModel):
         except BaseException:
             pedro.unload()
             raise
+        if not is_trainable:
+            pedro.eval()  # (as peft: no adapter dropout at inference)
         return pedro
 
     # ------------------------------------------------------------------ unwrapping
@@ -828,6 +901,12 @@ def _enter_direct(pedro: PedroModel, args, kwargs) -> None:
     call = current_call()
     if call is not None and call.model is pedro:
         call.nested += call.direct
+        if call.mask_from_prefill:
+            call.mask_from_prefill = False  # (the first pass is the prefill)
+            mask = kwargs.get("attention_mask")
+            if isinstance(mask, torch.Tensor) and mask.dim() == 2 and mask.shape[0] % call.batch == 0:
+                # rows expanded for beams / num_return_sequences are copies of their request's
+                call.pool_mask = mask[::mask.shape[0] // call.batch].bool()
         return
     x = kwargs.get("input_ids")
     if x is None:
@@ -841,11 +920,7 @@ def _enter_direct(pedro: PedroModel, args, kwargs) -> None:
         mask = None  # a 4D / custom mask: pool over every position
     call = pedro._make_call(x.shape[0], None, mask, None, None, reuse=False, direct=True)
     if call.any_adapter and _cached_tokens(kwargs.get("cache", kwargs.get("past_key_values"))):
-        raise RuntimeError(
-            "PEDRO: the base model was called directly on a continuation of a KV cache (a decoding "
-            "step), where the prompt its adapter pools over is no longer visible. Generate with "
-            "PedroModel.generate (it computes the vectors once at prefill), or use "
-            "pedro.disable_adapter() to run the base model alone")
+        raise RuntimeError(_CONTINUATION.format(what="the base model was called directly"))
     call.token = _CURRENT.set(call)
 
 

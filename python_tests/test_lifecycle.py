@@ -2,6 +2,7 @@
 deleting the last adapter, clear errors, Trainer checkpoints, peft's signatures."""
 import json
 import os
+import pathlib
 
 import pytest
 import torch
@@ -484,3 +485,139 @@ def test_copies_and_pickles_are_independent_models():
     assert isinstance(pedro.get_base_model().model.layers[0].self_attn.q_proj, PedroLinear)
     with torch.no_grad():
         assert torch.equal(pedro(ids).logits, want)
+
+
+# ----------------------------------------------------------------------- calls PEDRO cannot serve
+def test_a_decoding_loop_through_forward_raises_for_adapter_rows():
+    """A step on a KV cache that holds the prompt would pool the new token alone."""
+    pedro = get_pedro_model(tiny_model(), PedroConfig(r=4))
+    randomize_adapter(pedro, "default", seed=1)
+    ids = prompts()
+    with torch.no_grad():
+        cache = pedro(ids, use_cache=True).past_key_values
+        step = ids[:, -1:]
+        with pytest.raises(ValueError, match="PedroModel.forward was called on a continuation"):
+            pedro(step, past_key_values=cache)
+        # base-model rows may continue: nothing is pooled for them
+        cache = pedro(ids, adapter_names=[None, None], use_cache=True).past_key_values
+        got = pedro(step, past_key_values=cache, adapter_names=[None, None]).logits
+        with pedro.disable_adapter():
+            want = pedro(torch.cat([ids, step], 1)).logits[:, -1:]
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
+def test_generate_refuses_chunked_prefill():
+    pedro = get_pedro_model(tiny_model(), PedroConfig(r=4))
+    ids = prompts(length=8)
+    with pytest.raises(ValueError, match=r"cannot prefill in chunks \(prefill_chunk_size=3\)"):
+        pedro.generate(ids, max_new_tokens=2, prefill_chunk_size=3)
+    config = transformers.GenerationConfig(max_new_tokens=2, prefill_chunk_size=3)
+    with pytest.raises(ValueError, match="cannot prefill in chunks"):
+        pedro.generate(ids, generation_config=config)
+
+
+def test_generate_without_a_mask_pools_under_the_mask_hf_infers():
+    """HF infers the attention mask from pad_token_id; pooling over the pads instead gave
+    other tokens than the same call with the mask given."""
+    pedro = get_pedro_model(tiny_model(), PedroConfig(r=4))
+    randomize_adapter(pedro, "default", seed=1, scale=2.0)
+    pad = 5  # an ordinary token, as SmolLM2's (the tiny model's own pad embeds to zeros)
+    ids = prompts(length=7).clamp(min=pad + 1)
+    ids[0, :4] = pad  # left-padded first row
+    kw = dict(max_new_tokens=4, do_sample=False, output_scores=True, return_dict_in_generate=True,
+              pad_token_id=pad)
+    with torch.no_grad():
+        given = pedro.generate(ids, attention_mask=(ids != pad).long(), **kw)
+        inferred = pedro.generate(ids, **kw)
+    torch.testing.assert_close(torch.stack(inferred.scores), torch.stack(given.scores))
+    assert torch.equal(inferred.sequences, given.sequences)
+
+
+def test_empty_prompts_and_unordered_adapter_names_are_refused():
+    pedro = get_pedro_model(tiny_model(), PedroConfig(r=4), adapter_name="a")
+    pedro.add_adapter("b", PedroConfig(r=4))
+    with pytest.raises(ValueError, match=r"input_ids has shape \(2, 0\), no positions"):
+        pedro(torch.zeros(2, 0, dtype=torch.long))
+    with pytest.raises(ValueError, match="no positions"):
+        pedro.generate(torch.zeros(2, 0, dtype=torch.long), max_new_tokens=1)
+    with pytest.raises(ValueError, match="got a set, which has no order"):
+        pedro(prompts(), adapter_names={"a", "b"})
+
+
+# ----------------------------------------------------------------------- modes, configs, files
+def _all_modes(pedro):
+    return {m.training for m in pedro.modules()}
+
+
+def test_wrapping_keeps_the_models_mode_and_loading_for_inference_sets_eval(tmp_path):
+    """An adapter with dropout must not drop at inference: a wrapper starts in the wrapped
+    model's mode, and from_pretrained / load_adapter without is_trainable end in eval (peft)."""
+    ids = prompts()
+    pedro = get_pedro_model(tiny_model(), PedroConfig(r=4, dropout=0.5))  # tiny_model: eval
+    randomize_adapter(pedro, "default", seed=1)
+    assert _all_modes(pedro) == {False}
+    with torch.no_grad():
+        assert torch.equal(pedro(ids).logits, pedro(ids).logits)
+    pedro.save_pretrained(str(tmp_path / "ad"))
+    assert _all_modes(get_pedro_model(tiny_model().train(), PedroConfig(r=4))) == {True}
+
+    loaded = PedroModel.from_pretrained(tiny_model().train(), str(tmp_path / "ad"))
+    assert _all_modes(loaded) == {False}
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, pedro(ids).logits)
+    trainable = PedroModel.from_pretrained(tiny_model().train(), str(tmp_path / "ad"),
+                                           is_trainable=True)
+    assert _all_modes(trainable) == {True}
+    trainable.load_adapter(str(tmp_path / "ad"), "again", is_trainable=True)
+    assert _all_modes(trainable) == {True}
+    trainable.load_adapter(str(tmp_path / "ad"), "served")
+    assert _all_modes(trainable) == {False}
+
+
+def test_add_adapter_keeps_its_own_copy_of_the_config():
+    config = PedroConfig(r=4)
+    pedro = get_pedro_model(tiny_model(), config)
+    pedro.add_adapter("b", config)
+    assert (config.hidden_size, config.num_layers, config.model_type) == (None, None, None)
+    assert pedro.peft_config["default"] is not pedro.peft_config["b"]
+    assert pedro.peft_config["b"].hidden_size == 48
+    other = get_pedro_model(tiny_model(hidden_size=32, intermediate_size=40), config)
+    assert other.peft_config["default"].hidden_size == 32
+
+
+def test_config_fields_are_checked_by_type():
+    for field, bad in (("rational_degrees", (5,)), ("rational_degrees", (5, 4.5)), ("r", True),
+                       ("dropout", "0.1"), ("pool_norm_affine", "no"),
+                       ("rational_trainable", 1), ("layers_to_transform", {0, 1}),
+                       ("layers_to_transform", [0, -1]), ("base_model_name_or_path", 3)):
+        with pytest.raises(ValueError, match=f"PedroConfig.{field} must be"):
+            PedroConfig(**{field: bad})
+    assert PedroConfig(layers_to_transform=1).layers_to_transform == [1]  # as peft
+    assert PedroConfig(base_model_name_or_path=pathlib.Path("/m")).base_model_name_or_path == "/m"
+
+
+def _files(folder):
+    return {os.path.relpath(os.path.join(d, f), folder): open(os.path.join(d, f), "rb").read()
+            for d, _, fs in os.walk(folder) for f in fs}
+
+
+def test_a_failed_save_leaves_the_folder_as_it_was(tmp_path):
+    pedro = get_pedro_model(tiny_model(), PedroConfig(r=4))
+    pedro.add_adapter("x", PedroConfig(r=4))
+    out = tmp_path / "out"
+    pedro.save_pretrained(str(out), selected_adapters=["default"])
+    before = _files(out)
+    randomize_adapter(pedro, "default", seed=3)  # what a second save would write
+    (out / "x").write_text("a file where adapter x's folder goes")
+    with pytest.raises(OSError):
+        pedro.save_pretrained(str(out))
+    assert _files(out) == dict(before, x=b"a file where adapter x's folder goes")
+    os.remove(out / "x")
+    pedro.peft_config["x"].extra["note"] = object()  # not JSON: fails after default's weights
+    with pytest.raises(TypeError, match="not JSON serializable"):
+        pedro.save_pretrained(str(out))
+    assert _files(out) == before and sorted(os.listdir(out)) == sorted(before)
+    del pedro.peft_config["x"].extra["note"]
+    pedro.save_pretrained(str(out))
+    assert _files(out)["adapter_model.safetensors"] != before["adapter_model.safetensors"]
+    assert {"x/adapter_config.json", "x/adapter_model.safetensors"} <= set(_files(out))

@@ -70,6 +70,19 @@ OptTensor saved_seq_ids(AutogradContext* ctx, const Tensor& saved) {
   return std::nullopt;
 }
 
+// The backward ops have no derivatives of their own: a backward that builds a graph
+// (create_graph=True, for second derivatives) raises instead of giving zeros.
+void check_first_order(const char* op, const variable_list& grads, const variable_list& saved) {
+  if (!at::GradMode::is_enabled()) return;
+  for (const auto* list : {&grads, &saved})
+    for (const Tensor& t : *list)
+      TORCH_CHECK(!(t.defined() && t.requires_grad()), "pedro_ext.", op,
+                  ": second derivatives are not implemented; a backward with create_graph=True "
+                  "through this op would give wrong higher-order gradients. Where you need them "
+                  "use the pure-PyTorch ops of pedro_ext.reference (in a PedroModel: within "
+                  "pedro_ext.layer.reference_ops()).");
+}
+
 class ModulateFunction : public torch::autograd::Function<ModulateFunction> {
  public:
   static Tensor forward(AutogradContext* ctx, const Tensor& x, const Tensor& vectors,
@@ -83,6 +96,7 @@ class ModulateFunction : public torch::autograd::Function<ModulateFunction> {
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     const auto saved = ctx->get_saved_variables();
+    check_first_order("modulate", grads, saved);
     const OptTensor seq_ids = saved_seq_ids(ctx, saved[2]);
     const Tensor grad = grads[0];
     Tensor grad_x, grad_v;
@@ -108,6 +122,7 @@ class ActMulModulateFunction : public torch::autograd::Function<ActMulModulateFu
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     const auto saved = ctx->get_saved_variables();
+    check_first_order("act_mul_modulate", grads, saved);
     const std::string activation = ctx->saved_data["activation"].toStringRef();
     auto [g_gate, g_up, g_v] = call_act_mul_modulate_backward(
         grads[0], saved[0], saved[1], saved[2], saved_seq_ids(ctx, saved[3]), activation);

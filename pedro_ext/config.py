@@ -62,8 +62,9 @@ class PedroConfig:
         input of the first one (q_proj: the normalised hidden states). None: the architecture's
         default (Q, V, FFN up).
     rational_degrees: (m, n) of the rational activation P_m / (1 + |A_n|).
-    rational_init: "gelu" (a near-minimax fit of GELU on [-8, 8] with GELU-shaped tails,
-        pedro_ext.activations) or "identity".
+    rational_init: "gelu" (a near-minimax fit of GELU on [-8, 8], pedro_ext.activations; at
+        the default degrees (5, 4) its tails are GELU-shaped, checked to |x| = 1e6; other
+        degrees are fitted on [-8, 8] only and their tails are not constrained) or "identity".
     rational_trainable: whether the rational coefficients are trained at all.
     pool_norm: normalisation of the pooled vector before the down-projection: "none", "rms"
         (x / rms(x)) or "layer" ((x - mean) / std). The pooled hidden states of early layers are

@@ -38,6 +38,14 @@ def _string(value, key: str, where: str) -> str:
 def to_pair(row, where: str, prompt_template: str = LABEL_PROMPT_TEMPLATE,
             response_template: str = LABEL_RESPONSE_TEMPLATE) -> Tuple[str, str]:
     """One row (see the module docstring) as a (prompt, response) pair."""
+    prompt, response = _row_pair(row, where, prompt_template, response_template)
+    if not prompt:
+        raise ValueError(f"{where}: the prompt is empty; PEDRO pools each prompt's hidden "
+                         "states, so a prompt needs at least one token")
+    return prompt, response
+
+
+def _row_pair(row, where, prompt_template, response_template) -> Tuple[str, str]:
     if isinstance(row, dict):
         if "prompt" in row and "response" in row:
             return _string(row["prompt"], "prompt", where), _string(row["response"], "response", where)
@@ -69,8 +77,13 @@ def read_pairs(path: str, prompt_template: str = LABEL_PROMPT_TEMPLATE,
     """(prompt, response) pairs from a JSON-lines file (one row object per line; blank lines
     are skipped); errors say `path:line`."""
     pairs = []
-    with open(path, encoding="utf-8-sig") as f:  # a BOM (Windows editors) is not data
-        for n, line in enumerate(f, 1):
+    with open(path, "rb") as f:
+        for n, raw in enumerate(f, 1):
+            try:  # (a BOM, as Windows editors write, is not data)
+                line = raw.decode("utf-8-sig" if n == 1 else "utf-8")
+            except UnicodeDecodeError as exc:
+                raise ValueError(f"{path}:{n}: not UTF-8 text (byte {raw[exc.start]:#04x} at "
+                                 f"position {exc.start})") from None
             if not line.strip():
                 continue
             try:
@@ -95,6 +108,9 @@ def encode(tokenizer, prompt: str, response: str, max_length: int) -> Dict[str, 
     r = tokenizer(response, add_special_tokens=False).input_ids
     if tokenizer.eos_token_id is not None:
         r = r + [tokenizer.eos_token_id]
+    if not p:
+        raise ValueError(f"the prompt {prompt[:40]!r} tokenises to no tokens; PEDRO pools each "
+                         "prompt's hidden states, so a prompt needs at least one token")
     p = p[: max(1, max_length - len(r))]
     return {"input_ids": p + r, "labels": [IGNORE] * len(p) + r, "prompt_lengths": len(p)}
 

@@ -401,9 +401,28 @@ def _gm_backward(ctx, grad_y, grad_vectors):
     return grad_x, None, g_pooled, None, g_wd, g_bd, g_num, g_den, g_wu, g_bu, None
 
 
-torch.library.register_autograd("pedro_ext::rational", _rational_backward,
+def _first_order_only(op: str, backward):
+    """The backward ops have no derivatives of their own: a backward that builds a graph
+    (create_graph=True, for second derivatives) raises instead of giving zeros."""
+    def checked(ctx, *grads):
+        if torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad
+                                           for t in (*grads, *ctx.saved_tensors)):
+            raise RuntimeError(SECOND_ORDER.format(op=op))
+        return backward(ctx, *grads)
+    return checked
+
+
+SECOND_ORDER = ("pedro_ext.{op}: second derivatives are not implemented; a backward with "
+                "create_graph=True through this op would give wrong higher-order gradients. "
+                "Where you need them use the pure-PyTorch ops of pedro_ext.reference (in a "
+                "PedroModel: within pedro_ext.layer.reference_ops()).")
+
+torch.library.register_autograd("pedro_ext::rational",
+                                _first_order_only("rational", _rational_backward),
                                 setup_context=_rational_setup)
-torch.library.register_autograd("pedro_ext::generate", _generate_backward,
+torch.library.register_autograd("pedro_ext::generate",
+                                _first_order_only("generate", _generate_backward),
                                 setup_context=_generate_setup)
-torch.library.register_autograd("pedro_ext::generate_and_modulate", _gm_backward,
+torch.library.register_autograd("pedro_ext::generate_and_modulate",
+                                _first_order_only("generate_and_modulate", _gm_backward),
                                 setup_context=_gm_setup)

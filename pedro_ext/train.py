@@ -20,8 +20,10 @@ generator gains later land in "generator"):
       the held-out split.
   "joint":  coefficients trained with the rest on the training split.
   "frozen": coefficients stay at their initialisation (the GELU fit).
-Defaults: lr 1e-3 and rational_lr 1e-5 (the family uses 1e-4 / 1e-6 for 7B models trained far
-longer; a 135M model and a few hundred steps need more). Under torch.distributed (torchrun), wrap
+Defaults (TrainConfig): lr 3e-3, static_lr 1e-2, rational_lr 1e-3, bilevel_every 4, the quality
+study's choices for SmolLM2-135M (the family uses 1e-4 / 1e-6 for 7B models trained far longer;
+a 135M model and a few hundred steps need more). Every group follows the same schedule by
+optimizer step, the held-out rational steps included. Under torch.distributed (torchrun), wrap
 nothing yourself: `train` uses DistributedDataParallel on the model's device and shards every
 batch across ranks.
 """
@@ -31,6 +33,7 @@ import math
 import os
 import random
 import re
+import shutil
 import time
 from dataclasses import dataclass
 from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
@@ -45,7 +48,7 @@ from .diagnostics import vector_spread
 from .model import PedroModel
 
 __all__ = ["TrainConfig", "train", "train_baseline", "evaluate", "response_loss",
-           "parameter_groups", "encode", "collate"]
+           "parameter_groups", "check_output_dir", "encode", "collate"]
 
 RATIONAL_MODES = ("bilevel", "joint", "frozen")
 # Group of an adapter parameter, by the last part of its name; anything else is "generator".
@@ -69,10 +72,13 @@ class TrainConfig:
     warmup_ratio: float = 0.1
     max_length: int = 256
     eval_every: int = 50
-    eval_batches: Optional[int] = None  # None: the whole dev split
+    # dev batches per evaluation, each batch_size // grad_accum examples (the micro-batch, which
+    # bounds memory); None: the whole dev split
+    eval_batches: Optional[int] = None
     patience: Optional[int] = None  # evaluations without improvement before stopping
     seed: int = 0
     output_dir: Optional[str] = None
+    overwrite_output_dir: bool = False  # replace a previous run's files in output_dir
     progress: bool = True
     label_prompt_template: str = LABEL_PROMPT_TEMPLATE  # {"text", "label"} rows -> prompt
     label_response_template: str = LABEL_RESPONSE_TEMPLATE  # ... -> response
@@ -97,10 +103,18 @@ class TrainConfig:
         for field in ("lr", "rational_lr", "weight_decay") + (
                 ("static_lr",) if self.static_lr is not None else ()):
             value = getattr(self, field)
-            if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+            if isinstance(value, bool) or not isinstance(value, (int, float)) \
+                    or not math.isfinite(value) or value < 0:
                 bad(field, "a finite number >= 0")
-        if not isinstance(self.warmup_ratio, (int, float)) or not 0 <= self.warmup_ratio <= 1:
-            bad("warmup_ratio", "in [0, 1]")
+        if isinstance(self.warmup_ratio, bool) or not isinstance(self.warmup_ratio, (int, float)) \
+                or not 0 <= self.warmup_ratio <= 1:
+            bad("warmup_ratio", "a number in [0, 1]")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) \
+                or not 0 <= self.seed < 2 ** 63:
+            bad("seed", "an int in [0, 2**63)")
+        for field in ("overwrite_output_dir", "progress"):
+            if not isinstance(getattr(self, field), bool):
+                bad(field, "True or False")
         if self.rational_mode not in RATIONAL_MODES:
             bad("rational_mode", f"one of {RATIONAL_MODES}")
         if self.batch_size % self.grad_accum:
@@ -111,6 +125,29 @@ class TrainConfig:
     def group_lr(self, group: str) -> float:
         return {"static": self.lr if self.static_lr is None else self.static_lr,
                 "generator": self.lr, "rational": self.rational_lr}[group]
+
+
+RUN_FILES = ("metrics.jsonl", "best", "final")  # what a run writes into output_dir
+
+
+def check_output_dir(cfg: TrainConfig) -> None:
+    """A ValueError, before anything is loaded or trained, if cfg.output_dir cannot take this
+    run: it is not a folder, or it holds another run's files (unless overwrite_output_dir)."""
+    out = cfg.output_dir
+    if out is None:
+        return
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise ValueError(f"output_dir {out!r} exists and is not a folder")
+    parent = os.path.dirname(os.path.abspath(out))
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise ValueError(f"output_dir {out!r} cannot be made: {parent!r} is not a folder")
+    previous = [f for f in RUN_FILES if os.path.exists(os.path.join(out, f))]
+    if previous and not cfg.overwrite_output_dir:
+        raise ValueError(f"output_dir {out!r} holds another run's files ({', '.join(previous)}); "
+                         "choose another folder or pass overwrite_output_dir=True "
+                         "(--overwrite-output-dir), which replaces them")
 
 
 def _is_pedro(model) -> bool:
@@ -263,38 +300,74 @@ def train(pedro: PedroModel, tokenizer, train_pairs: Sequence, dev_pairs: Sequen
     if cfg.rational_mode == "bilevel" and not dev_pairs:
         raise ValueError("rational_mode='bilevel' needs held-out pairs (dev_pairs); pass some, "
                          "or use rational_mode='joint' or 'frozen'")
+    check_output_dir(cfg)
     adapter = adapter_name or pedro.active_adapter
-    pedro.set_adapter(adapter)
-    groups = parameter_groups(pedro, adapter, cfg)
-    # Coefficients that are not trained need no gradient (restored afterwards).
-    rational = pedro.rational_parameters(adapter)
-    saved_flags = [p.requires_grad for p in rational]
-    if not any(g["name"] == "rational" for g in groups):
-        for p in rational:
-            p.requires_grad_(False)
+    pedro._require(adapter)
+    if pedro.peft_config[adapter].inference_mode:
+        raise ValueError(f"adapter {adapter!r} was loaded for inference (is_trainable=False); to "
+                         "train it, load it with is_trainable=True")
 
     def save(kind: str) -> str:
         path = os.path.join(cfg.output_dir, kind)
         pedro.save_pretrained(path, selected_adapters=[adapter])
         return path if adapter == "default" else os.path.join(path, adapter)
 
+    before = _AdapterState(pedro, adapter)
     try:
-        return _fit(pedro, tokenizer, train_pairs, dev_pairs, cfg, groups,
-                    save if cfg.output_dir else None, desc=f"train {adapter}", adapter=adapter)
-    finally:
-        for p, flag in zip(rational, saved_flags):
+        pedro.set_adapter(adapter)
+        groups = parameter_groups(pedro, adapter, cfg)
+        # Coefficients that are not trained need no gradient (restored afterwards).
+        rational = pedro.rational_parameters(adapter)
+        saved_flags = [p.requires_grad for p in rational]
+        if not any(g["name"] == "rational" for g in groups):
+            for p in rational:
+                p.requires_grad_(False)
+        try:
+            return _fit(pedro, tokenizer, train_pairs, dev_pairs, cfg, groups,
+                        save if cfg.output_dir else None, desc=f"train {adapter}",
+                        adapter=adapter)
+        finally:
+            for p, flag in zip(rational, saved_flags):
+                p.requires_grad_(flag)
+    except BaseException:
+        before.restore()  # (files written so far stay: metrics.jsonl, best/ as it was found)
+        raise
+
+
+class _AdapterState:
+    """What train() changes in the model, to put back when it fails: the active adapter, every
+    adapter parameter's requires_grad, the trained adapter's weights, the train / eval mode."""
+
+    def __init__(self, pedro: PedroModel, adapter: str):
+        self.pedro, self.active = pedro, list(pedro.active_adapters)
+        self.flags = [(p, p.requires_grad) for name in pedro.peft_config
+                      for p in pedro.adapter_parameters(name)]
+        self.weights = [(p, p.detach().clone()) for p in pedro.adapter_parameters(adapter)]
+        self.modes = [(m, m.training) for m in pedro.modules()]
+
+    def restore(self) -> None:
+        self.pedro.active_adapters = self.active
+        with torch.no_grad():
+            for p, w in self.weights:
+                p.copy_(w)
+        for p, flag in self.flags:
             p.requires_grad_(flag)
+        for m, mode in self.modes:
+            m.training = mode
 
 
 def train_baseline(model, tokenizer, train_pairs, dev_pairs, cfg: TrainConfig) -> dict:
     """The same loop for any causal LM (peft LoRA / IA3 baselines): every parameter that
     requires grad is trained with cfg.lr on the training split; best dev weights restored."""
+    check_output_dir(cfg)
     params = [p for p in model.parameters() if p.requires_grad]
     cfg = dataclasses.replace(cfg, rational_mode="frozen")
     groups = [{"name": "trainable", "params": params, "lr": cfg.lr,
                "weight_decay": cfg.weight_decay}]
-    return _fit(model, tokenizer, to_pairs(train_pairs, "train_pairs"),
-                to_pairs(dev_pairs or [], "dev_pairs"), cfg, groups, None, desc="train")
+    templates = (cfg.label_prompt_template, cfg.label_response_template)
+    return _fit(model, tokenizer, to_pairs(train_pairs, "train_pairs", *templates),
+                to_pairs(dev_pairs or [], "dev_pairs", *templates), cfg, groups, None,
+                desc="train")
 
 
 def _finite(x):
@@ -312,12 +385,22 @@ def _vector_spread(pedro: PedroModel, adapter: str, dev_ex: List[dict], pad_id: 
                 _finite(v) if isinstance(v, float) else v) for k, v in out.items()}
 
 
+def _encode_all(tokenizer, pairs, max_length: int, source: str) -> List[dict]:
+    out = []
+    for i, (p, r) in enumerate(pairs):
+        try:
+            out.append(encode(tokenizer, p, r, max_length))
+        except ValueError as exc:
+            raise ValueError(f"{source}[{i}]: {exc}") from None
+    return out
+
+
 def _fit(module, tokenizer, train_pairs, dev_pairs, cfg, groups, save, desc, adapter=None):
     rank, world = _world()
     torch.manual_seed(cfg.seed)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    train_ex = [encode(tokenizer, p, r, cfg.max_length) for p, r in train_pairs]
-    dev_ex = [encode(tokenizer, p, r, cfg.max_length) for p, r in dev_pairs]
+    train_ex = _encode_all(tokenizer, train_pairs, cfg.max_length, "train_pairs")
+    dev_ex = _encode_all(tokenizer, dev_pairs, cfg.max_length, "dev_pairs")
     if not train_ex:
         raise ValueError("train_pairs is empty")
     for split, examples in (("train", train_ex), ("dev", dev_ex)):
@@ -336,8 +419,11 @@ def _fit(module, tokenizer, train_pairs, dev_pairs, cfg, groups, save, desc, ada
     rational_groups = [g for g in groups if bilevel and g["name"] == "rational"]
     opt = torch.optim.AdamW(main_groups)
     opt_r = torch.optim.AdamW(rational_groups) if rational_groups else None
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, _schedule(cfg))
-    sched_r = torch.optim.lr_scheduler.LambdaLR(opt_r, _schedule(cfg)) if opt_r else None
+    schedule = _schedule(cfg)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
+    # the held-out steps follow the schedule of the optimizer step they come after, not a
+    # count of their own (that stretched the warm-up bilevel_every times and never decayed)
+    rational_lrs = [g["lr"] for g in opt_r.param_groups] if opt_r else []
     main_params = [p for g in main_groups for p in g["params"]]
     trained = main_params + [p for g in rational_groups for p in g["params"]]
     train_iter = _batches(train_ex, cfg.batch_size, cfg.seed)
@@ -345,6 +431,8 @@ def _fit(module, tokenizer, train_pairs, dev_pairs, cfg, groups, save, desc, ada
     log_file = None
     if cfg.output_dir and rank == 0:
         os.makedirs(cfg.output_dir, exist_ok=True)
+        for kind in ("best", "final"):  # (another run's, with overwrite_output_dir)
+            shutil.rmtree(os.path.join(cfg.output_dir, kind), ignore_errors=True)
         log_file = open(os.path.join(cfg.output_dir, "metrics.jsonl"), "w")
     history, best, best_step, bad_evals, best_state = [], math.inf, None, 0, None
     adapter_dir = None
@@ -373,9 +461,10 @@ def _fit(module, tokenizer, train_pairs, dev_pairs, cfg, groups, save, desc, ada
                                                             cfg.grad_accum, rank, world, device))
                 for p in main_params:  # the held-out split moves only the coefficients
                     p.grad = None
+                for g, lr in zip(opt_r.param_groups, rational_lrs):
+                    g["lr"] = lr * schedule(step)
                 record.update({f"lr_{g['name']}": g["lr"] for g in opt_r.param_groups})
                 opt_r.step()
-                sched_r.step()
             if dev_ex and ((step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps):
                 dev_loss = evaluate(module, dev_ex, pad_id, max(1, cfg.batch_size // cfg.grad_accum),
                                     cfg.eval_batches)

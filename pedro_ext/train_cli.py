@@ -15,7 +15,7 @@ import torch.distributed as dist
 
 from .config import POOL_NORMS, POOLING_MODES, PedroConfig
 from .data import read_pairs
-from .train import RATIONAL_MODES, TrainConfig, train
+from .train import RATIONAL_MODES, TrainConfig, check_output_dir, train
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -27,9 +27,12 @@ data (--train, --dev): one JSON object per line, either
       response = --label-response-template with {label} filled in.
 The generator pools over the prompt only.
 
-output (--output-dir): metrics.jsonl (one record per optimizer step: train_loss, the learning
-rate of each parameter group used at that step, heldout_loss on bi-level steps, dev_loss on
-evaluation steps); with --dev the best adapter (lowest dev loss) in best/, without --dev the
+output (--output-dir, refused if it holds another run's files unless --overwrite-output-dir):
+metrics.jsonl (one record per optimizer step: step, train_loss, the learning rate of each
+parameter group used at that step (lr_static, lr_generator, lr_rational), heldout_loss on
+bi-level steps, elapsed_s; on evaluation steps dev_loss and vector_spread, the diagnostic of
+whether the vectors vary with the prompt: per layer the RMS of their spread across a dev batch's
+prompts against the RMS of their static part); with --dev the best adapter (lowest dev loss) in best/, without --dev the
 final adapter in final/ (save_pretrained's layout: adapter_config.json and
 adapter_model.safetensors). The summary printed at the end says where the adapter went.
 
@@ -46,7 +49,8 @@ class _Formatter(argparse.RawDescriptionHelpFormatter):
 
     def _get_help_string(self, action):
         text = action.help or ""
-        if action.default in (None, argparse.SUPPRESS, False) or action.required \
+        if action.default is None or action.default is False or \
+                action.default == argparse.SUPPRESS or action.required \
                 or "default:" in text:
             return text
         return text + (" (default: %(default)r)" if isinstance(action.default, str)
@@ -121,7 +125,8 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--eval-every", type=int, default=t.eval_every,
                     help="evaluate on --dev every this many steps (and at the last)")
     tr.add_argument("--eval-batches", type=int, default=t.eval_batches,
-                    help="dev batches per evaluation; default: the whole dev split")
+                    help="dev batches (of batch-size / grad-accum examples) per evaluation; "
+                         "default: the whole dev split")
     tr.add_argument("--patience", type=int, default=t.patience,
                     help="stop after this many evaluations without improvement; default: never")
     tr.add_argument("--seed", type=int, default=t.seed, help="data order and initialisation")
@@ -130,6 +135,8 @@ def build_parser() -> argparse.ArgumentParser:
                          "bash: $'{text}\\nLabel:')")
     tr.add_argument("--label-response-template", default=t.label_response_template,
                     help="response of a {text, label} row; must contain {label}")
+    tr.add_argument("--overwrite-output-dir", action="store_true",
+                    help="replace another run's files in --output-dir (refused otherwise)")
     tr.add_argument("--no-progress", action="store_true", help="no progress bar")
     return ap
 
@@ -145,6 +152,8 @@ def _device(ap, name, distributed: bool) -> torch.device:
         device = torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
     except (RuntimeError, ValueError) as exc:
         ap.error(f"argument --device: {exc}")
+    if device.type == "meta":
+        ap.error("argument --device: 'meta' tensors hold no data; give cpu or cuda")
     if device.type != "cuda":
         return device
     if not torch.cuda.is_available():
@@ -190,6 +199,7 @@ def main(argv=None):
                                 pool_norm_affine=args.pool_norm_affine, init_scale=args.init_scale,
                                 dropout=args.dropout, rational_init=args.rational_init,
                                 target_modules=args.target_modules)
+        check_output_dir(cfg)
     except ValueError as exc:
         ap.error(_flag(str(exc)))
     if cfg.rational_mode == "bilevel" and not args.dev:
@@ -217,6 +227,7 @@ def main(argv=None):
             ap.exit(2, f"{ap.prog}: error: argument --model: cannot load {args.model!r}: "
                        f"{str(exc).splitlines()[0]}\n")
         pedro_cfg.base_model_name_or_path = base_name
+        torch.manual_seed(cfg.seed)  # the adapter's initialisation
         try:
             pedro = get_pedro_model(model.to(device), pedro_cfg)
         except ValueError as exc:

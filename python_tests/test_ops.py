@@ -758,3 +758,30 @@ def test_per_token_ops_record_autograd_only_when_needed():
         assert fn().detach().grad_fn is None
     plain = pedro_ext.modulate(x.detach(), v)
     assert not plain.requires_grad and torch.equal(plain, (x * v[:, None]).detach())
+
+
+def test_second_derivatives_raise_instead_of_giving_zeros():
+    """The backward ops have no derivatives of their own: a backward with create_graph=True
+    (a gradient penalty, gradgradcheck) raises rather than returning zero second derivatives."""
+    pooled, ids, args = _small_problem()
+    leaves = [a.clone().requires_grad_() for a in [pooled, *args]]
+    x = torch.randn(4, 3, 5, dtype=torch.float64, requires_grad=True)
+    v = torch.randn(4, 5, dtype=torch.float64, requires_grad=True)
+    xs = torch.randn(7, 5, dtype=torch.float64, requires_grad=True)
+    seq = torch.tensor([3, 0, 0, 2, 3, 1, 3])
+    z = torch.randn(20, dtype=torch.float64, requires_grad=True)
+    num, den = (torch.randn(n, dtype=torch.float64, requires_grad=True) for n in (6, 4))
+    cases = {
+        "rational": (lambda: pedro_ext.rational(z, num, den), [z, num, den]),
+        "generate": (lambda: pedro_ext.generate(leaves[0], ids, *leaves[1:]), leaves),
+        "generate_and_modulate": (lambda: pedro_ext.generate_and_modulate(
+            xs, leaves[0], ids, *leaves[1:], seq_ids=seq % 4)[0], [xs, *leaves]),
+        "modulate": (lambda: pedro_ext.modulate(x, v), [x, v]),
+        "act_mul_modulate": (lambda: pedro_ext.act_mul_modulate(x, x * 2, v), [x, v]),
+    }
+    for op, (fn, inputs) in cases.items():
+        first = torch.autograd.grad(fn().sum(), inputs)  # first order: as before
+        assert all(g is not None for g in first), op
+        with pytest.raises(RuntimeError, match=f"pedro_ext.{op}: second derivatives are not "
+                                                "implemented"):
+            torch.autograd.grad(fn().sum(), inputs, create_graph=True)

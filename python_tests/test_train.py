@@ -1,5 +1,6 @@
 """Training recipe: parameter groups and their learning rates, bi-level rational updates,
 loss goes down, best / final checkpoint, metrics log. (DDP: test_train_cli.py.)"""
+import dataclasses
 import json
 import re
 
@@ -251,3 +252,115 @@ def test_metrics_log_the_vector_spread_against_the_static_part(tmp_path):
         assert spread["mean_spread_rms"] == pytest.approx(sum(spread["spread_rms"]) / len(layers))
         # trained w_up / b_up are no longer zero: both parts are visible
         assert min(spread["spread_rms"]) > 0 and min(spread["static_rms"]) > 0
+
+
+def test_heldout_steps_follow_the_schedule_of_their_optimizer_step(tmp_path):
+    """bilevel: the coefficients' lr at a held-out step is the schedule's at the optimizer step
+    it follows (it was indexed by the count of held-out steps: a 4x longer warm-up, no decay)."""
+    train(_pedro(), CharTokenizer(), toy_pairs(16, seed=1), toy_pairs(8, seed=2),
+          TrainConfig(steps=40, batch_size=4, rational_lr=1e-3, bilevel_every=4,
+                      warmup_ratio=0.25, eval_every=40, output_dir=str(tmp_path),
+                      progress=False))
+    records = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+    heldout = [r for r in records if "heldout_loss" in r]
+    assert [r["step"] for r in heldout] == list(range(4, 41, 4))
+    for r in heldout:
+        s = r["step"] - 1  # 0-based optimizer step; 10 warm-up steps, then linear decay to 40
+        factor = (s + 1) / 10 if s < 10 else (40 - s) / 30
+        assert r["lr_rational"] == pytest.approx(1e-3 * factor)
+        assert r["lr_generator"] == pytest.approx(TrainConfig().lr * factor)
+    assert heldout[-1]["lr_rational"] == pytest.approx(1e-3 / 30)
+
+
+def test_empty_prompts_are_refused_before_training():
+    pedro = _pedro()
+    before = {k: v.clone() for k, v in pedro.adapter_state_dict("default").items()}
+    with pytest.raises(ValueError, match=re.escape("train_pairs[1]: the prompt is empty")):
+        train(pedro, CharTokenizer(), [("apple 1 is", " aaa"), ("", " bbb")], [],
+              TrainConfig(steps=2, batch_size=2, rational_mode="joint", progress=False))
+
+    class Silent(CharTokenizer):  # a prompt of spaces tokenises to nothing
+        def __call__(self, text, add_special_tokens=False):
+            return self._Enc([i for i in super().__call__(text).input_ids if i != 3 + 32 % 94])
+    with pytest.raises(ValueError, match=re.escape("dev_pairs[0]: the prompt '   ' tokenises to "
+                                                   "no tokens")):
+        train(pedro, Silent(), [("apple 1 is", " aaa")], [("   ", " b")],
+              TrainConfig(steps=2, batch_size=2, progress=False))
+    for k, v in pedro.adapter_state_dict("default").items():
+        assert torch.equal(v, before[k])
+
+
+def test_a_run_that_fails_puts_the_model_back(monkeypatch):
+    pedro = get_pedro_model(tiny_model(), PedroConfig(r=4), adapter_name="a")
+    pedro.add_adapter("b", PedroConfig(r=4))
+    pedro.set_adapter("a")
+    before = {k: v.clone() for k, v in pedro.adapter_state_dict("b").items()}
+    flags = [(p, p.requires_grad) for p in pedro.parameters()]
+    modes = [(m, m.training) for m in pedro.modules()]
+    calls = []
+    real = train_mod._step_loss
+
+    def failing(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("out of memory (simulated)")
+        return real(*args, **kwargs)
+    monkeypatch.setattr(train_mod, "_step_loss", failing)
+    with pytest.raises(RuntimeError, match="simulated"):
+        train(pedro, CharTokenizer(), toy_pairs(8), [],
+              TrainConfig(steps=5, batch_size=4, lr=1e-1, rational_mode="joint",
+                          progress=False), adapter_name="b")
+    assert len(calls) == 3  # two steps had changed adapter b
+    assert pedro.active_adapter == "a"
+    for k, v in pedro.adapter_state_dict("b").items():
+        assert torch.equal(v, before[k]), k
+    assert [(p, p.requires_grad) for p in pedro.parameters()] == flags
+    assert [(m, m.training) for m in pedro.modules()] == modes
+
+
+def test_an_adapter_loaded_for_inference_is_not_trained(tmp_path):
+    pedro = _pedro()
+    pedro.save_pretrained(str(tmp_path))
+    served = PedroModel.from_pretrained(tiny_model(), str(tmp_path))
+    with pytest.raises(ValueError, match="loaded for inference.*is_trainable=True"):
+        train(served, CharTokenizer(), toy_pairs(8), [],
+              TrainConfig(steps=1, batch_size=4, rational_mode="joint", progress=False))
+
+
+def test_an_output_dir_with_another_run_is_refused_unless_overwritten(tmp_path):
+    cfg = TrainConfig(steps=2, batch_size=4, rational_mode="joint", output_dir=str(tmp_path),
+                      progress=False)
+    train(_pedro(), CharTokenizer(), toy_pairs(8), [], cfg)
+    assert (tmp_path / "final").is_dir()
+    pedro = _pedro()
+    before = {k: v.clone() for k, v in pedro.adapter_state_dict("default").items()}
+    with pytest.raises(ValueError, match=r"holds another run's files \(metrics.jsonl, final\)"):
+        train(pedro, CharTokenizer(), toy_pairs(8), toy_pairs(4, seed=3), cfg)
+    for k, v in pedro.adapter_state_dict("default").items():
+        assert torch.equal(v, before[k])
+    summary = train(pedro, CharTokenizer(), toy_pairs(8), toy_pairs(4, seed=3),
+                    dataclasses.replace(cfg, overwrite_output_dir=True))
+    assert summary["adapter_dir"] == str(tmp_path / "best")
+    assert not (tmp_path / "final").exists()  # the earlier run's adapter is gone, not mixed in
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ValueError, match="is not a folder"):
+        train(pedro, CharTokenizer(), toy_pairs(8), [],
+              dataclasses.replace(cfg, output_dir=str(tmp_path / "file")))
+
+
+def test_baselines_read_rows_with_the_configured_templates(monkeypatch):
+    seen = {}
+    monkeypatch.setattr(train_mod, "_fit", lambda m, t, train_pairs, *a, **k: seen.update(
+        pairs=train_pairs))
+    cfg = TrainConfig(label_prompt_template="Q: {text}\nA:", label_response_template=" <{label}>")
+    train_mod.train_baseline(tiny_model(), CharTokenizer(), [{"text": "hello", "label": "greet"}],
+                             [], cfg)
+    assert seen["pairs"] == [("Q: hello\nA:", " <greet>")]
+
+
+@pytest.mark.parametrize("field, value", [("seed", "a"), ("seed", 2 ** 70), ("seed", -1),
+                                          ("lr", True), ("warmup_ratio", True),
+                                          ("overwrite_output_dir", "yes")])
+def test_train_config_checks_types(field, value):
+    with pytest.raises(ValueError, match=f"TrainConfig.{field} must be"):
+        TrainConfig(**{field: value})

@@ -42,6 +42,8 @@ def test_help_documents_every_flag_and_defaults_agree_with_the_configs(capsys):
         assert action.help, action.option_strings
     for flag in ("--pooling {mean,last,max,attention}", "--rational-mode {bilevel,joint,frozen}",
                  "--dtype {float32,bfloat16,float16}", "must contain {text}", "(default: 12)",
+                 "initialisation (default: 0)", "pooled vector during training (default: 0.0)",
+                 "Defaults (TrainConfig): lr 3e-3", "vector_spread",
                  '{"text": "...", "label": "..."}', "final/"):
         assert flag in " ".join(text.split()) or flag in text, flag
     args = parser.parse_args(["--train", "t", "--output-dir", "o"])
@@ -61,12 +63,27 @@ def test_help_documents_every_flag_and_defaults_agree_with_the_configs(capsys):
     (["--rational-mode", "joint", "--device", "nonsense"], "argument --device"),
     (["--rational-mode", "joint", "--dev", "MISSING"], "No such file"),
     (["--rational-mode", "joint", "--dev", "BAD"], "bad.jsonl:2: not valid JSON"),
+    (["--rational-mode", "joint", "--dev", "LATIN1"], "latin1.jsonl:2: not UTF-8 text"),
+    (["--rational-mode", "joint", "--dev", "EMPTY"], "empty.jsonl:2: the prompt is empty"),
+    (["--rational-mode", "joint", "--device", "meta"], "argument --device: 'meta'"),
+    (["--rational-mode", "joint", "--seed", str(2 ** 70)], "--seed must be an int in [0, 2**63)"),
+    (["--rational-mode", "joint", "--output-dir", "PREVIOUS"], "holds another run's files"),
+    (["--rational-mode", "joint", "--output-dir", "FILE"], "is not a folder"),
 ])
 def test_errors_come_before_the_model_loads(tmp_path, monkeypatch, capsys, extra, message):
     monkeypatch.setattr(train_cli, "load_model", _no_model)
     train = _jsonl(tmp_path / "train.jsonl", toy_pairs(4))
     (tmp_path / "bad.jsonl").write_text('{"prompt": "a", "response": "b"}\n{"prompt": \n')
-    extra = [{"MISSING": str(tmp_path / "missing.jsonl"), "BAD": str(tmp_path / "bad.jsonl")}
+    (tmp_path / "latin1.jsonl").write_bytes(b'{"prompt": "a", "response": "b"}\n'
+                                            b'{"prompt": "caf\xe9", "response": "b"}\n')
+    (tmp_path / "empty.jsonl").write_text('{"prompt": "a", "response": "b"}\n'
+                                          '{"prompt": "", "response": "b"}\n')
+    (tmp_path / "previous").mkdir()
+    (tmp_path / "previous" / "metrics.jsonl").write_text("")
+    (tmp_path / "file").write_text("")
+    extra = [{"MISSING": str(tmp_path / "missing.jsonl"), "BAD": str(tmp_path / "bad.jsonl"),
+              "LATIN1": str(tmp_path / "latin1.jsonl"), "EMPTY": str(tmp_path / "empty.jsonl"),
+              "PREVIOUS": str(tmp_path / "previous"), "FILE": str(tmp_path / "file")}
              .get(a, a) for a in extra]
     with pytest.raises(SystemExit) as exc:
         train_cli.main(["--train", train, "--output-dir", str(tmp_path / "out")] + extra)
@@ -88,6 +105,22 @@ def test_model_and_target_errors_are_argument_errors(tmp_path, monkeypatch, caps
     assert exc.value.code == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_the_seed_sets_the_adapters_initialisation(tmp_path, monkeypatch):
+    """Two runs of one command give the same adapter (with lr 0: its initialisation)."""
+    monkeypatch.setattr(train_cli, "load_model", _tiny_loader)
+    weights = []
+    for run, seed in ((1, 0), (2, 0), (3, 1)):
+        torch.manual_seed(1000 + run)  # whatever the global generator holds before the CLI
+        out = tmp_path / f"out{run}"
+        train_cli.main(["--train", _jsonl(tmp_path / "t.jsonl", toy_pairs(8)), "--output-dir",
+                        str(out), "--rational-mode", "joint", "--r", "4", "--steps", "1",
+                        "--batch-size", "4", "--lr", "0", "--static-lr", "0",
+                        "--rational-lr", "0", "--seed", str(seed), "--no-progress"])
+        weights.append(load_file(str(out / "final" / "adapter_model.safetensors")))
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+    assert any(not torch.equal(weights[0][k], weights[2][k]) for k in weights[0])
 
 
 def test_cli_trains_in_bfloat16_without_dev_and_says_where_the_adapter_is(tmp_path, monkeypatch,

@@ -85,6 +85,17 @@ def _find_layout(model: nn.Module, targets: Sequence[str], layers: Optional[Sequ
                              f"{stack!r}); set PedroConfig.layers_to_transform")
         parent = model.get_submodule(name.rsplit(".", 1)[0])
         found.setdefault(idx, {})[leaf] = (parent, name.rsplit(".", 1)[1], module)
+    if layers is not None:
+        if not layers:
+            raise ValueError("PedroConfig.layers_to_transform is empty: give the decoder-layer "
+                             "indices to adapt, or None for all")
+        every = {int(m.group("idx")) for m in (_LAYER_RE.match(n) for n, mod in
+                                               model.named_modules() if isinstance(mod, nn.Linear))
+                 if m}
+        absent = sorted(set(layers) - every)
+        if every and absent:
+            raise ValueError(f"PedroConfig.layers_to_transform has {absent}, which this model "
+                             f"does not have (its decoder layers: {min(every)}..{max(every)})")
     if not found:
         raise ValueError(f"PEDRO found no Linear modules named {list(targets)} inside "
                          "'...layers.<i>...' of this model; set PedroConfig.target_modules")

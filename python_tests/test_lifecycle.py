@@ -593,6 +593,11 @@ def test_config_fields_are_checked_by_type():
         with pytest.raises(ValueError, match=f"PedroConfig.{field} must be"):
             PedroConfig(**{field: bad})
     assert PedroConfig(layers_to_transform=1).layers_to_transform == [1]  # as peft
+    for layers, message in (([5], r"has \[5\], which this model does not have \(its decoder "
+                                  r"layers: 0..1\)"), ([], "layers_to_transform is empty")):
+        with pytest.raises(ValueError, match=message):
+            get_pedro_model(tiny_model(), PedroConfig(layers_to_transform=layers))
+    assert list(get_pedro_model(tiny_model(), PedroConfig(layers_to_transform=1)).banks) == [1]
     assert PedroConfig(base_model_name_or_path=pathlib.Path("/m")).base_model_name_or_path == "/m"
 
 

@@ -124,6 +124,14 @@ _CONTINUATION = (
     "Generate with PedroModel.generate (it computes the vectors once at prefill and reuses them), "
     "or run those rows on the base model (adapter_names=[None] * batch, or disable_adapter())")
 
+# generate options whose first forward pass is not the whole prompt alone
+_PREFILL_OPTIONS = {
+    "prefill_chunk_size": "it prefills in chunks",
+    "assistant_model": "assisted decoding runs the prompt with draft tokens",
+    "prompt_lookup_num_tokens": "prompt-lookup decoding runs the prompt with draft tokens",
+    "assistant_early_exit": "self-speculative decoding runs the prompt with draft tokens",
+}
+
 _NO_MERGE = ("PEDRO adapters cannot be merged into the base weights: their scaling vectors are "
              "computed from each prompt, so no fixed weight change reproduces them. Use "
              "unload() to get the base model back, or keep the PedroModel for inference.")
@@ -631,7 +639,7 @@ class PedroModel(PreTrainedModel):
             self._check_checkpointing()
         call = self._make_call(batch, adapter_names, attention_mask, prompt_mask, prompt_lengths,
                                reuse=False)
-        if call.any_adapter and _cached_tokens(kwargs.get("past_key_values")):
+        if call.any_adapter and _cached_tokens(kwargs.get("cache", kwargs.get("past_key_values"))):
             raise ValueError(_CONTINUATION.format(what="PedroModel.forward was called"))
         with entered(call):
             return self.base_model(input_ids=input_ids, attention_mask=attention_mask,
@@ -647,36 +655,64 @@ class PedroModel(PreTrainedModel):
         (from a streamer or a stopping criterion) takes effect from the next call; in-place
         weight edits show at once."""
         inputs = args[0] if args else kwargs.get("inputs", kwargs.get("input_ids"))
-        if inputs is None:
-            inputs = kwargs.get("inputs_embeds")
-        if not isinstance(inputs, torch.Tensor):
+        if kwargs.get("inputs_embeds") is not None:  # (HF then reads the prompt from these)
+            _check_positions("inputs_embeds", kwargs["inputs_embeds"])
+        elif not isinstance(inputs, torch.Tensor):
             raise ValueError("PedroModel.generate needs the prompt as a tensor: inputs / input_ids "
                              "[batch, positions] (or inputs_embeds)")
-        _check_positions("the prompt (inputs / input_ids / inputs_embeds)", inputs)
+        else:
+            _check_positions("the prompt (inputs / input_ids)", inputs)
+        if inputs is None:
+            inputs = kwargs["inputs_embeds"]
         cache = kwargs.get("cache", kwargs.get("past_key_values"))
         if _cached_tokens(cache) > 0:
             raise ValueError(
                 "PedroModel.generate computes each prompt's vectors at prefill and cannot continue "
                 "from a cache that already holds tokens; pass the whole conversation as the prompt")
-        chunked = [getattr(c, "prefill_chunk_size", None) if not isinstance(c, dict) else
-                   c.get("prefill_chunk_size") for c in (kwargs, kwargs.get("generation_config"),
-                                                         getattr(self.get_base_model(),
-                                                                 "generation_config", None))]
-        if any(c is not None for c in chunked):
-            raise ValueError(
-                "PedroModel.generate cannot prefill in chunks (prefill_chunk_size="
-                f"{next(c for c in chunked if c is not None)}): each prompt's vectors are pooled "
-                "over the whole prompt at prefill; set prefill_chunk_size=None")
+        for name, why in _PREFILL_OPTIONS.items():
+            value = self._generation_option(kwargs, name)
+            if value is not None:
+                shown = repr(value) if isinstance(value, (int, float, str)) else \
+                    f"<{type(value).__name__}>"
+                raise ValueError(f"PedroModel.generate cannot take {name}={shown}: {why}; each "
+                                 "prompt's vectors are pooled over the whole prompt, and only the "
+                                 "prompt, at its first forward pass")
+        if kwargs.get("attention_mask") is None:
+            # the mask HF would infer for attention, given to both attention and pooling (which
+            # would otherwise pool over the pads)
+            mask = self._inferred_mask(inputs, kwargs)
+            if mask is not None:
+                kwargs["attention_mask"] = mask
         call = self._make_call(inputs.shape[0], adapter_names, kwargs.get("attention_mask"), None,
                                None, reuse=True)
-        # without a mask HF infers one (from pad_token_id) for the model's attention; the
-        # prefill's pooling then takes that mask from the decoder stack's call
-        call.mask_from_prefill = kwargs.get("attention_mask") is None
         with contextlib.ExitStack() as stack:
             if self._uses_static_cache(kwargs, cache):
                 stack.enter_context(self._static.borrowed(call))
             stack.enter_context(entered(call))
             return self.get_base_model().generate(*args, **kwargs)
+
+    def _generation_option(self, kwargs, name):
+        """A generate option as HF resolves it: the keyword, else the generation_config passed,
+        else the model's (None if none sets it)."""
+        for source in (kwargs, kwargs.get("generation_config"),
+                       getattr(self.get_base_model(), "generation_config", None)):
+            value = source.get(name) if isinstance(source, dict) else getattr(source, name, None)
+            if value is not None:
+                return value
+        return None
+
+    def _inferred_mask(self, inputs, kwargs) -> Optional[torch.Tensor]:
+        """HF's rule for a prompt given without a mask: token ids that hold the pad token (when
+        it is not an EOS token) are masked where they equal it."""
+        if not (isinstance(inputs, torch.Tensor) and inputs.dim() == 2
+                and inputs.dtype in (torch.int32, torch.int64)):
+            return None
+        pad = self._generation_option(kwargs, "pad_token_id")
+        eos = self._generation_option(kwargs, "eos_token_id")
+        eos = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+        if pad is None or pad in eos or not bool((inputs == pad).any()):
+            return None
+        return inputs.ne(pad).long()
 
     def _uses_static_cache(self, kwargs, cache) -> bool:
         from transformers.cache_utils import DynamicCache
@@ -684,14 +720,8 @@ class PedroModel(PreTrainedModel):
 
         if cache is not None:
             return bool(getattr(cache, "is_compileable", False)) and type(cache) is not DynamicCache
-        configs = (kwargs, kwargs.get("generation_config"),
-                   getattr(self.get_base_model(), "generation_config", None))
-        for source in configs:
-            impl = source.get("cache_implementation") if isinstance(source, dict) else \
-                getattr(source, "cache_implementation", None)
-            if impl is not None:
-                return impl in ALL_STATIC_CACHE_IMPLEMENTATIONS
-        return False
+        impl = self._generation_option(kwargs, "cache_implementation")
+        return impl is not None and impl in ALL_STATIC_CACHE_IMPLEMENTATIONS
 
     @torch.no_grad()
     def prompt_vectors(self, input_ids, attention_mask=None, adapter_names=None, prompt_mask=None,
@@ -912,12 +942,6 @@ def _enter_direct(pedro: PedroModel, args, kwargs) -> None:
     call = current_call()
     if call is not None and call.model is pedro:
         call.nested += call.direct
-        if call.mask_from_prefill:
-            call.mask_from_prefill = False  # (the first pass is the prefill)
-            mask = kwargs.get("attention_mask")
-            if isinstance(mask, torch.Tensor) and mask.dim() == 2 and mask.shape[0] % call.batch == 0:
-                # rows expanded for beams / num_return_sequences are copies of their request's
-                call.pool_mask = mask[::mask.shape[0] // call.batch].bool()
         return
     x = kwargs.get("input_ids")
     if x is None:

@@ -118,7 +118,6 @@ class PedroCall:
         self.settings = settings
         self.any_adapter = any(s is not None for s in settings)
         self.pool_mask = pool_mask
-        self.mask_from_prefill = False  # generate without a mask: take the prefill's (model.py)
         self.reuse = reuse  # generate: vectors computed at prefill, reused at every step
         self.direct = direct  # a direct call of the base model (peft's convention)
         self.use_dropout = dropout and any(s is not None and s.dropout > 0 for s in settings)

@@ -496,8 +496,9 @@ def test_a_decoding_loop_through_forward_raises_for_adapter_rows():
     with torch.no_grad():
         cache = pedro(ids, use_cache=True).past_key_values
         step = ids[:, -1:]
-        with pytest.raises(ValueError, match="PedroModel.forward was called on a continuation"):
-            pedro(step, past_key_values=cache)
+        for name in ("past_key_values", "cache"):  # (transformers 5's name, and the alias)
+            with pytest.raises(ValueError, match="PedroModel.forward was called on a continuation"):
+                pedro(step, **{name: cache})
         # base-model rows may continue: nothing is pooled for them
         cache = pedro(ids, adapter_names=[None, None], use_cache=True).past_key_values
         got = pedro(step, past_key_values=cache, adapter_names=[None, None]).logits
@@ -506,14 +507,20 @@ def test_a_decoding_loop_through_forward_raises_for_adapter_rows():
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
 
 
-def test_generate_refuses_chunked_prefill():
+def test_generate_refuses_options_whose_first_pass_is_not_the_prompt():
+    """Chunked prefill pooled the first chunk; assisted / prompt-lookup decoding pooled the
+    prompt with its draft tokens."""
     pedro = get_pedro_model(tiny_model(), PedroConfig(r=4))
     ids = prompts(length=8)
-    with pytest.raises(ValueError, match=r"cannot prefill in chunks \(prefill_chunk_size=3\)"):
+    with pytest.raises(ValueError, match=r"cannot take prefill_chunk_size=3: it prefills in"):
         pedro.generate(ids, max_new_tokens=2, prefill_chunk_size=3)
     config = transformers.GenerationConfig(max_new_tokens=2, prefill_chunk_size=3)
-    with pytest.raises(ValueError, match="cannot prefill in chunks"):
+    with pytest.raises(ValueError, match="cannot take prefill_chunk_size=3"):
         pedro.generate(ids, generation_config=config)
+    with pytest.raises(ValueError, match="cannot take prompt_lookup_num_tokens=2: prompt-lookup"):
+        pedro.generate(ids, max_new_tokens=2, prompt_lookup_num_tokens=2)
+    with pytest.raises(ValueError, match="cannot take assistant_model=<LlamaForCausalLM>: assisted decoding"):
+        pedro.generate(ids, max_new_tokens=2, assistant_model=tiny_model())
 
 
 def test_generate_without_a_mask_pools_under_the_mask_hf_infers():
@@ -526,11 +533,12 @@ def test_generate_without_a_mask_pools_under_the_mask_hf_infers():
     ids[0, :4] = pad  # left-padded first row
     kw = dict(max_new_tokens=4, do_sample=False, output_scores=True, return_dict_in_generate=True,
               pad_token_id=pad)
-    with torch.no_grad():
-        given = pedro.generate(ids, attention_mask=(ids != pad).long(), **kw)
-        inferred = pedro.generate(ids, **kw)
-    torch.testing.assert_close(torch.stack(inferred.scores), torch.stack(given.scores))
-    assert torch.equal(inferred.sequences, given.sequences)
+    for cache in ({}, dict(cache_implementation="static")):  # (a static cache: 4-D masks)
+        with torch.no_grad():
+            given = pedro.generate(ids, attention_mask=(ids != pad).long(), **kw, **cache)
+            inferred = pedro.generate(ids, **kw, **cache)
+        torch.testing.assert_close(torch.stack(inferred.scores), torch.stack(given.scores))
+        assert torch.equal(inferred.sequences, given.sequences)
 
 
 def test_empty_prompts_and_unordered_adapter_names_are_refused():
@@ -540,6 +548,11 @@ def test_empty_prompts_and_unordered_adapter_names_are_refused():
         pedro(torch.zeros(2, 0, dtype=torch.long))
     with pytest.raises(ValueError, match="no positions"):
         pedro.generate(torch.zeros(2, 0, dtype=torch.long), max_new_tokens=1)
+    embeds = pedro.get_input_embeddings()(prompts())  # the prompt: no ids needed beside it
+    with torch.no_grad():
+        out = pedro.generate(input_ids=torch.zeros(2, 0, dtype=torch.long), inputs_embeds=embeds,
+                             max_new_tokens=2, do_sample=False)
+    assert out.shape == (2, 2)
     with pytest.raises(ValueError, match="got a set, which has no order"):
         pedro(prompts(), adapter_names={"a", "b"})
 

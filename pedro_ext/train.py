@@ -20,7 +20,7 @@ generator gains later land in "generator"):
       the held-out split.
   "joint":  coefficients trained with the rest on the training split.
   "frozen": coefficients stay at their initialisation (the GELU fit).
-Defaults (TrainConfig): lr 3e-3, static_lr 1e-2, rational_lr 1e-3, bilevel_every 4, the quality
+Defaults (TrainConfig): lr 1e-3, static_lr 1e-2, rational_lr 1e-3, bilevel_every 4, the quality
 study's choices for SmolLM2-135M (the family uses 1e-4 / 1e-6 for 7B models trained far longer;
 a 135M model and a few hundred steps need more). Every group follows the same schedule by
 optimizer step, the held-out rational steps included. Under torch.distributed (torchrun), wrap
@@ -63,7 +63,7 @@ class TrainConfig:
     grad_accum: int = 1
     # Learning rates and the bi-level cadence: the best found by the quality study (bench/quality,
     # SmolLM2-135M, README "Quality"): the static part wants an IA3-sized lr, the generator less.
-    lr: float = 3e-3  # the "generator" group (and everything in train_baseline)
+    lr: float = 1e-3  # the "generator" group (and everything in train_baseline)
     static_lr: Optional[float] = 1e-2  # the "static" group (b_up); None: lr
     rational_lr: float = 1e-3  # the "rational" group
     rational_mode: str = "bilevel"  # bilevel | joint | frozen

@@ -43,7 +43,7 @@ def test_help_documents_every_flag_and_defaults_agree_with_the_configs(capsys):
     for flag in ("--pooling {mean,last,max,attention}", "--rational-mode {bilevel,joint,frozen}",
                  "--dtype {float32,bfloat16,float16}", "must contain {text}", "(default: 12)",
                  "initialisation (default: 0)", "pooled vector during training (default: 0.0)",
-                 "Defaults (TrainConfig): lr 3e-3", "vector_spread",
+                 "Defaults (TrainConfig): lr 1e-3", "vector_spread",
                  '{"text": "...", "label": "..."}', "final/"):
         assert flag in " ".join(text.split()) or flag in text, flag
     args = parser.parse_args(["--train", "t", "--output-dir", "o"])

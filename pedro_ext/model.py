@@ -677,7 +677,7 @@ class PedroModel(PreTrainedModel):
                 raise ValueError(f"PedroModel.generate cannot take {name}={shown}: {why}; each "
                                  "prompt's vectors are pooled over the whole prompt, and only the "
                                  "prompt, at its first forward pass")
-        if kwargs.get("attention_mask") is None:
+        if kwargs.get("attention_mask") is None and kwargs.get("inputs_embeds") is None:
             # the mask HF would infer for attention, given to both attention and pooling (which
             # would otherwise pool over the pads)
             mask = self._inferred_mask(inputs, kwargs)

@@ -322,16 +322,14 @@ def train(pedro: PedroModel, tokenizer, train_pairs: Sequence, dev_pairs: Sequen
         if not any(g["name"] == "rational" for g in groups):
             for p in rational:
                 p.requires_grad_(False)
-        try:
-            return _fit(pedro, tokenizer, train_pairs, dev_pairs, cfg, groups,
-                        save if cfg.output_dir else None, desc=f"train {adapter}",
-                        adapter=adapter)
-        finally:
-            for p, flag in zip(rational, saved_flags):
-                p.requires_grad_(flag)
+        summary = _fit(pedro, tokenizer, train_pairs, dev_pairs, cfg, groups,
+                       save if cfg.output_dir else None, desc=f"train {adapter}", adapter=adapter)
     except BaseException:
         before.restore()  # (files written so far stay: metrics.jsonl, best/ as it was found)
         raise
+    for p, flag in zip(rational, saved_flags):
+        p.requires_grad_(flag)
+    return summary
 
 
 class _AdapterState:

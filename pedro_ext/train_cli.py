@@ -32,9 +32,10 @@ metrics.jsonl (one record per optimizer step: step, train_loss, the learning rat
 parameter group used at that step (lr_static, lr_generator, lr_rational), heldout_loss on
 bi-level steps, elapsed_s; on evaluation steps dev_loss and vector_spread, the diagnostic of
 whether the vectors vary with the prompt: per layer the RMS of their spread across a dev batch's
-prompts against the RMS of their static part); with --dev the best adapter (lowest dev loss) in best/, without --dev the
-final adapter in final/ (save_pretrained's layout: adapter_config.json and
-adapter_model.safetensors). The summary printed at the end says where the adapter went.
+prompts against the RMS of their static part); with --dev the best adapter (lowest dev loss)
+in best/, without --dev the final adapter in final/ (save_pretrained's layout:
+adapter_config.json and adapter_model.safetensors). The summary printed at the end says where
+the adapter went.
 
 examples:
   python -m pedro_ext.train --train train.jsonl --dev dev.jsonl --output-dir out

@@ -13,6 +13,7 @@ import argparse
 import json
 import os
 from typing import List, Optional
+
 from .sanity import rounds_disagree
 
 METHOD_ORDER = ("base", "pedro", "pedro_reference", "lora_single", "lora_bmm", "lora_bgmv",

@@ -93,6 +93,40 @@ def test_phases_resume_extend_and_pair(tmp_path):
         make_study(tmp_path, steps=3).store.load()
 
 
+def test_task_tuned_on_another_runs_that_tasks_best_configs(tmp_path):
+    short = toy_task(2)
+    tuned = dataclasses.replace(toy_task(3), name="toy-long", tuned_on="toy")
+    assert "tuned_on" not in short.to_dict()  # fingerprints of tasks made before the field stay
+    study = Study(str(tmp_path), {"toy": short, "toy-long": tuned}, SWEEPS, {},
+                  lambda: (tiny_model(), CharTokenizer()), "tiny llama", splits_loader=toy_splits,
+                  max_extend=0, log=lambda s: None)
+    study.run_phases(["sweep", "final"], ["toy", "toy-long"], list(SWEEPS), seeds=2, variant_seeds=0)
+    runs = study.store.load()
+    long_runs = [r for r in runs.values() if r["task"] == "toy-long"]
+    assert sorted(r["method"] for r in long_runs if r["seed"] == 0) == sorted(["base", *SWEEPS])
+    for m in SWEEPS:  # no sweep of its own: the short task's best configuration, at every seed
+        best = study.best_config("toy", m, runs)
+        assert study.best_config("toy-long", m, runs) == best
+        assert sorted(r["seed"] for r in long_runs if r["method"] == m) == [0, 1]
+        assert all(r["config"] == best and r["steps"] == 3 for r in long_runs if r["method"] == m)
+
+    rep = report.write(study, runs, {"cpu": "test"}, str(tmp_path))
+    t = rep["tasks"]["toy-long"]
+    assert t["sweep"] == {} and set(t["final"]) == set(SWEEPS)
+    assert t["paired_vs_pedro"]["lora-qv"]["test_loss"]["n"] == 2
+    md = report.markdown(rep)
+    assert "its best configuration on toy (same data" in md.split("## toy-long")[1]
+
+    for bad in ("nope", "toy-long"):  # a missing task; a chain of tuned tasks
+        with pytest.raises(ValueError, match=f"task toy-long: tuned_on={bad!r}"):
+            Study(str(tmp_path / "x"), {"toy": short, "toy-long": dataclasses.replace(tuned, tuned_on=bad)},
+                  SWEEPS, {}, None, "m", splits_loader=toy_splits)
+    other_data = dataclasses.replace(tuned, splits=dict(train=4, dev=4, test=6))
+    with pytest.raises(ValueError, match="same data and splits"):
+        Study(str(tmp_path / "y"), {"toy": short, "toy-long": other_data}, SWEEPS, {}, None, "m",
+              splits_loader=toy_splits)
+
+
 def _scoring_model():
     """A tiny PEDRO model whose vectors vary with the prompt, and its tokenizer."""
     pedro = get_pedro_model(tiny_model(), PedroConfig(r=2))

@@ -38,7 +38,7 @@ def build_report(study, runs: Dict[str, dict], machine: dict) -> dict:
     out = {"machine": machine, "settings": study.settings(), "tasks": {}}
     for task in tasks:
         t = {"zero_shot": runs.get(run_id(task, "base", {}, 0)), "sweep": {}, "final": {},
-             "paired_vs_pedro": {}, "variants": {}}
+             "paired_vs_pedro": {}, "variants": {}, "tuned_on": study.tasks[task].tuned_on}
         finals: Dict[str, Dict[int, dict]] = {}
         for method in study.sweeps:
             configs, complete = study.sweep_configs(task, method, runs)
@@ -49,14 +49,15 @@ def build_report(study, runs: Dict[str, dict], machine: dict) -> dict:
                     rows.append({k: r.get(k) for k in (
                         "config", "best_dev_loss", "best_step", "steps", "test_loss",
                         "test_accuracy", "trainable_params", "s_per_step")})
-            if not rows:
-                continue
             best = study.best_config(task, method, runs)
-            t["sweep"][method] = {"complete": complete, "best_config": best, "runs": rows}
+            if rows:
+                t["sweep"][method] = {"complete": complete, "best_config": best, "runs": rows}
             if best is None:
                 continue
             seeds = {r["seed"]: r for r in runs.values()
                      if r["task"] == task and r["method"] == method and r["config"] == best}
+            if not seeds:
+                continue
             finals[method] = seeds
             f = {"config": best, "seeds": sorted(seeds),
                  "trainable_params": next(iter(seeds.values()))["trainable_params"],
@@ -163,7 +164,10 @@ def markdown(rep: dict) -> str:
         if z:
             acc = f", accuracy {z['test_accuracy']:.3f}" if "test_accuracy" in z else ""
             lines += [f"Untrained base model: response loss {z['test_loss']:.3f}{acc}.", ""]
-        lines += ["Final (each method's best learning rate on the dev split; mean ± std over seeds):", "",
+        chosen = (f"its best configuration on {t['tuned_on']} (same data; chosen on the dev split "
+                  f"there, no sweep of its own)" if t.get("tuned_on")
+                  else "its best learning rate on the dev split")
+        lines += [f"Final (each method at {chosen}; mean ± std over seeds):", "",
                   "| method | config | trainable params | test accuracy | test response loss | seeds | best step / steps |",
                   "|---|---|---|---|---|---|---|"]
         for m, f in t["final"].items():
@@ -200,15 +204,16 @@ def markdown(rep: dict) -> str:
                 ratio = f"{d['ratio']:.3f}" if d["ratio"] is not None else "-"
                 lines.append(f"| {name} | {d['seeds']} | {d['mean_spread_rms']:.2e} | "
                              f"{d['mean_static_rms']:.2e} | {ratio} | {l0} |")
-        lines += ["", "Sweep (seed 0; selection by best dev loss):", "",
-                  "| method | config | best dev loss | best step / steps | test accuracy | test loss |",
-                  "|---|---|---|---|---|---|"]
-        for m, s in t["sweep"].items():
-            for r in s["runs"]:
-                mark = " (best)" if r["config"] == s["best_config"] else ""
-                acc = f"{r['test_accuracy']:.3f}" if r.get("test_accuracy") is not None else "-"
-                lines.append(f"| {m} | {_cfg(r['config'])}{mark} | {r['best_dev_loss']:.4f} | "
-                             f"{r['best_step']}/{r['steps']} | {acc} | {r['test_loss']:.4f} |")
+        if t["sweep"]:
+            lines += ["", "Sweep (seed 0; selection by best dev loss):", "",
+                      "| method | config | best dev loss | best step / steps | test accuracy | test loss |",
+                      "|---|---|---|---|---|---|"]
+            for m, s in t["sweep"].items():
+                for r in s["runs"]:
+                    mark = " (best)" if r["config"] == s["best_config"] else ""
+                    acc = f"{r['test_accuracy']:.3f}" if r.get("test_accuracy") is not None else "-"
+                    lines.append(f"| {m} | {_cfg(r['config'])}{mark} | {r['best_dev_loss']:.4f} | "
+                                 f"{r['best_step']}/{r['steps']} | {acc} | {r['test_loss']:.4f} |")
         c, b = t["compute"], t["best_step_check"]
         gains = ", ".join(f"{m} {g:.4f}" for m, g in b["last_interval_gain"].items())
         if c["median_s_per_step"] is not None:  # some training run has finished

@@ -5,7 +5,7 @@ Phases, each resumable (finished runs are read from runs.jsonl and skipped):
             edge of the grid the grid is extended one step outward (up to `max_extend` times).
             Also the untrained base model once per task.
   final:    each method's best sweep configuration (lowest best dev loss) at seeds 0..n-1
-            (seed 0 is the sweep's run).
+            (seed 0 is the sweep's run); a task with `tuned_on` takes that task's best.
   variants: PEDRO's best configuration with one group of overrides at a time, at the given seeds.
 """
 import hashlib
@@ -23,7 +23,7 @@ from pedro_ext.train import TrainConfig, train
 
 from .methods import METHODS, build, split_config, trainable_params
 from .store import Claims, RunStore, config_key, run_id
-from .tasks import TaskSpec, load_splits, score_test_split
+from .tasks import TaskSpec, dataset_of, load_splits, score_test_split
 
 # learning rates are swept on this ladder (half-decades), so an extension is one rung outward
 LR_LADDER = (1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1, 1.0)
@@ -60,6 +60,12 @@ class Study:
             bad = [v for v in s.values if v not in LR_LADDER]
             if bad:
                 raise ValueError(f"{m}: sweep values {bad} are not on LR_LADDER {LR_LADDER}")
+        for name, spec in tasks.items():
+            source = tasks.get(spec.tuned_on) if spec.tuned_on else spec
+            if source is None or source.tuned_on or dataset_of(source) != dataset_of(spec) \
+                    or source.splits != spec.splits:
+                raise ValueError(f"task {name}: tuned_on={spec.tuned_on!r} must name a task of "
+                                 f"this study with its own sweep, on the same data and splits")
         self.out, self.tasks, self.sweeps, self.variants = out, tasks, sweeps, variants
         self.load_model, self.model_name = load_model, model_name
         self.splits_loader, self.max_extend, self.log = splits_loader, max_extend, log
@@ -102,7 +108,10 @@ class Study:
 
     def sweep_configs(self, task: str, method: str, runs: Dict[str, dict]) -> Tuple[List[Dict], bool]:
         """(configurations the sweep needs so far, whether it is complete). Extends the grid
-        one rung past an edge while the best finished value sits on that edge."""
+        one rung past an edge while the best finished value sits on that edge. A task tuned on
+        another has no sweep of its own: ([], True)."""
+        if self.tasks[task].tuned_on:
+            return [], True
         s = self.sweeps[method]
         fixed = self.fixed_config(task, method, runs)
         if fixed is None:
@@ -129,6 +138,7 @@ class Study:
         return [config(v) for v in sorted(values)], True
 
     def best_config(self, task: str, method: str, runs: Dict[str, dict]) -> Optional[Dict]:
+        task = self.tasks[task].tuned_on or task
         configs, complete = self.sweep_configs(task, method, runs)
         if not complete:
             return None

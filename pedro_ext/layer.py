@@ -31,23 +31,31 @@ def _without_check_ids(op):
 # The op implementations the layers call, positionally with check_ids last (the layers' routing
 # was validated on the host); the benchmark swaps in the pure-PyTorch reference. The kernels are
 # the op overloads themselves: a Python wrapper per call is measurable in a decode step (90 calls).
-_KERNEL_OPS = dict(generate=ops._ops.generate.default,
-                   modulate=ops._ops.modulate.default,
-                   modulate_=ops._ops.modulate_.default,
-                   act_mul_modulate=ops._ops.act_mul_modulate.default)
-_REFERENCE_OPS = {name: _without_check_ids(getattr(reference, name)) for name in _KERNEL_OPS}
-_OPS = dict(_KERNEL_OPS)
+_OPS = dict(generate=ops._ops.generate.default,
+            modulate=ops._ops.modulate.default,
+            modulate_=ops._ops.modulate_.default,
+            act_mul_modulate=ops._ops.act_mul_modulate.default)
+_REFERENCE_OPS = {name: _without_check_ids(getattr(reference, name)) for name in _OPS}
+
+
+class _ActiveOps(threading.local):
+    """The table this thread's layers call: the kernels unless the thread is in reference_ops()."""
+    table = _OPS
+
+
+_ACTIVE = _ActiveOps()
 
 
 @contextlib.contextmanager
 def reference_ops():
-    """Within this block PEDRO layers run pedro_ext.reference instead of the kernels."""
-    saved = dict(_OPS)
-    _OPS.update(_REFERENCE_OPS)
+    """Within this block PEDRO layers run pedro_ext.reference instead of the kernels, in this
+    thread only: a model served from other threads at the same time keeps the kernels."""
+    saved = _ACTIVE.table
+    _ACTIVE.table = _REFERENCE_OPS
     try:
         yield
     finally:
-        _OPS.update(saved)
+        _ACTIVE.table = saved
 
 
 class PedroAdapterWeights(nn.Module):
@@ -241,7 +249,8 @@ class PedroLayerBank(nn.Module):
             p = plan.dropout.unsqueeze(1)
             keep = torch.rand_like(pooled) >= p
             pooled = pooled * keep / (1 - p)
-        vectors = _OPS["generate"](pooled.to(x.dtype), ids, *(bank[k] for k in BANK_KEYS), False)
+        vectors = _ACTIVE.table["generate"](pooled.to(x.dtype), ids,
+                                            *(bank[k] for k in BANK_KEYS), False)
         call.store(self.layer, vectors, self.slots)
         self.computations += 1
 
@@ -360,8 +369,8 @@ def eager_scale(y: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """scale outside torch.compile: in place unless something needs a gradient."""
     v = in_dtype_of(y, v)
     if y.requires_grad or v.requires_grad:
-        return _OPS["modulate"](y, v, None, False)
-    _OPS["modulate_"](y, v, None, False)
+        return _ACTIVE.table["modulate"](y, v, None, False)
+    _ACTIVE.table["modulate_"](y, v, None, False)
     return y
 
 
@@ -372,7 +381,7 @@ def traced_scale(y: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     activation product). One multiply per element in y's dtype, as modulate's fp32 product
     rounded once. Anything else goes to the op, which raises its argument error."""
     if y.dim() != 3 or v.dtype != y.dtype or v.shape != (y.shape[0], y.shape[2]):
-        return _OPS["modulate"](y, v, None, False)
+        return _ACTIVE.table["modulate"](y, v, None, False)
     return y * v.unsqueeze(1)
 
 
@@ -486,5 +495,5 @@ class PedroLinear(nn.Module):
             v = in_dtype_of(y, v)
             y = eager_scale(y, v)
         if params is not None and settled(call, self.layer, y, v):
-            call.prepared[self] = (*params, v, _OPS["modulate_"])
+            call.prepared[self] = (*params, v, _ACTIVE.table["modulate_"])
         return y

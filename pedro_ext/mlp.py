@@ -67,12 +67,12 @@ def _forward_and_settle(mlp: nn.Module, call, x):
     if v is None:
         return mlp.down_proj(mlp.act_fn(gate) * up)
     v = _layer.in_dtype_of(up, v)
-    h = _layer._OPS["act_mul_modulate"](gate, up, v, None, mlp.pedro_activation, False)
+    h = _layer._ACTIVE.table["act_mul_modulate"](gate, up, v, None, mlp.pedro_activation, False)
     if _layer.settled(call, up_proj.layer, h, v):
         linears = [_layer.plain_linear(m) for m in (mlp.gate_proj, up_proj.base_layer,
                                                     mlp.down_proj)]
         if None not in linears:
-            call.prepared[mlp] = (*linears, v, _layer._OPS["act_mul_modulate"])
+            call.prepared[mlp] = (*linears, v, _layer._ACTIVE.table["act_mul_modulate"])
     return mlp.down_proj(h)
 
 
@@ -85,5 +85,5 @@ def _compiled_forward(mlp: nn.Module, x):
     v = _layer.in_dtype_of(up, v)
     if _layer.traced_products():  # one fused inductor kernel (layer.traced_scale)
         return mlp.down_proj(_layer.traced_scale(mlp.act_fn(gate) * up, v))
-    h = _layer._OPS["act_mul_modulate"](gate, up, v, None, mlp.pedro_activation, False)
+    h = _layer._ACTIVE.table["act_mul_modulate"](gate, up, v, None, mlp.pedro_activation, False)
     return mlp.down_proj(h)

@@ -115,6 +115,36 @@ def test_disable_adapter_is_scoped_to_its_thread():
     assert not torch.allclose(base, adapted)
 
 
+def test_reference_ops_are_scoped_to_their_thread(monkeypatch):
+    """A benchmark running the reference ops in one thread must not switch a model served from
+    another thread to them, while both run."""
+    pedro = _pedro()
+    ids = prompts(batch=2)
+    callers = {"kernel": set(), "reference": set()}
+    for table, kind in ((layer_mod._OPS, "kernel"), (layer_mod._REFERENCE_OPS, "reference")):
+        for name, real in list(table.items()):
+            monkeypatch.setitem(table, name, lambda *a, _r=real, _k=kind: (
+                callers[_k].add(threading.get_ident()), _r(*a))[1])
+    inside, served = threading.Event(), threading.Event()
+    out = {}
+
+    def bench():
+        with layer_mod.reference_ops():
+            inside.set()
+            served.wait(30)  # the other thread serves while this one is in the block
+            out["reference"] = _gen(pedro, ids, adapter_names=["a", "b"])
+        out["after"] = layer_mod._ACTIVE.table is layer_mod._OPS
+
+    worker = threading.Thread(target=bench)
+    worker.start()
+    inside.wait(30)
+    kernel = _gen(pedro, ids, adapter_names=["a", "b"])
+    served.set()
+    worker.join()
+    assert callers == {"kernel": {threading.get_ident()}, "reference": {worker.ident}}
+    assert out["after"] and torch.equal(out["reference"], kernel)
+
+
 # ----------------------------------------------------------------------- gradient checkpointing
 def _lm_batch(batch=4, length=10, seed=0):
     ids = prompts(batch, length, seed)

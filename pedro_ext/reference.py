@@ -16,14 +16,24 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
 def rational_eval(z: torch.Tensor, rat_num: torch.Tensor, rat_den: torch.Tensor) -> torch.Tensor:
     """R(z) = (c0 + c1 z + ... + cm z^m) / (1 + |d1 z + ... + dn z^n|).
 
-    rat_num [..., m+1] and rat_den [..., n] broadcast against z along their leading dims."""
-    p = torch.zeros_like(z)
+    rat_num [..., m+1] and rat_den [..., n] broadcast against z along their leading dims.
+    As in the kernels (csrc/rational.h), P and A are evaluated scaled by a power of two
+    s >= |z| so that they do not overflow where R does not: with w = z / s and u = 1 / s,
+    P u^m = sum c_j w^j u^(m-j), and R = (P u^m) / (u^n + |A u^n|) s^(m-n)."""
+    big = (z.abs() > 1) & z.isfinite()
+    e = torch.where(big, torch.frexp(z.detach().abs()).exponent, 0)
+    u = torch.ldexp(torch.ones_like(z), -e)
+    w = z * u
+    p, up = torch.zeros_like(z), torch.ones_like(z)
     for j in reversed(range(rat_num.shape[-1])):
-        p = p * z + rat_num[..., j]
-    a = torch.zeros_like(z)
+        p = p * w + rat_num[..., j] * up
+        up = up * u
+    a, up = torch.zeros_like(z), torch.ones_like(z)
     for k in reversed(range(rat_den.shape[-1])):
-        a = a * z + rat_den[..., k]
-    return p / (1 + (a * z).abs())
+        a = a * w + rat_den[..., k] * up
+        up = up * u
+    m, n = rat_num.shape[-1] - 1, rat_den.shape[-1]
+    return torch.ldexp(p / (up + (a * w).abs()), e * (m - n))
 
 
 def rational(x: torch.Tensor, rat_num: torch.Tensor, rat_den: torch.Tensor) -> torch.Tensor:

@@ -5,9 +5,9 @@ import torch
 
 import pedro_ext
 from pedro_ext import reference as ref
-from pedro_ext.activations import GELU_DEN, GELU_NUM, gelu
+from pedro_ext.activations import GELU_DEN, GELU_NUM, GELU_WIDE_DEN, GELU_WIDE_NUM, gelu
 
-from conftest import assert_close
+from conftest import assert_close, requires_cuda
 from helpers import (act_mul_layouts, assert_bitwise, bank_args, check_modulate_inplace_memory_rules,
                      make_bank, random_ids)
 
@@ -70,6 +70,89 @@ def test_rational_matches_reference(dtype, shape, degrees):
         # 8-11 mantissa bits; their inputs x are themselves rounded
         loose = dtype in (torch.float16, torch.bfloat16) and name != "x"
         assert_close(a, e, dtype, f"grad {name}", tol=5e-2 if loose else None)
+
+
+def _rational_plain_f64(x, num, den):
+    """The textbook formula, in float64: exact enough for |x| <= 1e30 at degrees <= (5, 4)."""
+    p = sum(c * x ** j for j, c in enumerate(num))
+    a = sum(d * x ** (k + 1) for k, d in enumerate(den))
+    return p / (1 + a.abs())
+
+
+def _rational_term_sizes_f64(x, num, den):
+    """The sizes of the terms R and its gradients are made of: float rounding is relative to
+    them, not to the result, which cancels where R crosses zero or levels off. R and
+    dR/dd_k = -sign(A) x^k P / Q^2 carry P's rounding, relative to sum |c_j x^j|;
+    dR/dx = P'/Q - sign(A) A' P / Q^2, relative to |P'/Q| + |A' P / Q^2|."""
+    p = sum(c * x ** j for j, c in enumerate(num))
+    p_terms = sum((c * x ** j).abs() for j, c in enumerate(num))
+    dp = sum(j * c * x ** (j - 1) for j, c in enumerate(num) if j)
+    a = sum(d * x ** (k + 1) for k, d in enumerate(den))
+    da = sum((k + 1) * d * x ** k for k, d in enumerate(den))
+    q = 1 + a.abs()
+    den_terms = max(x.abs() ** (k + 1) for k in range(len(den))) * p_terms / q ** 2
+    return p_terms / q, (dp / q).abs() + (da * p / q ** 2).abs(), den_terms
+
+
+def _rational_on_cuda(x, num, den):
+    return pedro_ext.rational(x.cuda(), num.cuda(), den.cuda()).cpu()
+
+
+@pytest.mark.parametrize("impl", ["kernel", "reference", pytest.param("cuda", marks=requires_cuda)])
+@pytest.mark.parametrize("degrees", [(5, 4), (4, 4), (3, 4), (5, 3)])
+def test_rational_far_outside_the_fit_is_finite_and_accurate(impl, degrees):
+    """float32 terms overflow at |x| ~ 1e7 (x^5 in P, x^9 in the gradients) long before R or
+    its gradients do: the value and every gradient must match float64 up to |x| = 1e30, to
+    float32 rounding of the terms each is computed from (the coefficient gradients relative
+    to the largest of them)."""
+    fn = dict(kernel=pedro_ext.rational, reference=ref.rational, cuda=_rational_on_cuda)[impl]
+    g = torch.Generator().manual_seed(5)
+    num = torch.randn(degrees[0] + 1, generator=g, dtype=torch.float64)
+    den = torch.randn(degrees[1], generator=g, dtype=torch.float64)
+    if degrees == (5, 4):
+        num, den = torch.tensor(GELU_WIDE_NUM).double(), torch.tensor(GELU_WIDE_DEN).double()
+    checked = 0
+    for v in (0.75, 3.0, 1e3, 1e7, 1e8, 1e12, 1e20, 1e30):
+        for x in (v, -v):
+            x64 = torch.tensor([x], dtype=torch.float64)
+            exp, exp_grads = kernel_grads(_rational_plain_f64, [x64, num, den],
+                                          torch.ones(1, dtype=torch.float64))
+            if max(t.abs().max() for t in [exp, *exp_grads]) > 1e37:
+                continue  # beyond float32 (R ~ x^(m-n) with m > n + 1)
+            out, grads = kernel_grads(fn, [x64.float(), num.float(), den.float()], torch.ones(1))
+            value, dx, dden = _rational_term_sizes_f64(x64, num, den)
+            scales = [value, dx, exp_grads[1].abs().max(), dden]
+            for name, a, e, scale in zip(["value", "grad x", "grad rat_num", "grad rat_den"],
+                                         [out, *grads], [exp, *exp_grads], scales):
+                assert torch.isfinite(a).all(), f"{impl} {name} at x={x}: {a}"
+                # (1e-37: below float32's smallest normal number, 1.2e-38, precision runs out)
+                ok = (a.double() - e).abs() <= 1e-5 * scale + 1e-37
+                assert ok.all(), f"{impl} {name} at x={x}: {a} != {e}"
+            checked += abs(x) >= 1e7
+    assert checked >= 6
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=requires_cuda)])
+def test_generate_with_huge_pre_activations_stays_finite(device):
+    """generate's kernels evaluate the rational unit with the same header: pre-activations z of
+    1e6 to 1e12 (pooled states far out of scale) give finite vectors and gradients, matching
+    float64 relative to their largest entry."""
+    bank = make_bank(2, 8, 4, 16, seed=3)
+    bank["w_down"] = bank["w_down"] * torch.logspace(6, 12, 4)  # one decade range per column
+    pooled = torch.randn(3, 8, generator=torch.Generator().manual_seed(4))
+    ids = torch.tensor([0, 1, -1])
+    grad = torch.randn(3, 16, generator=torch.Generator().manual_seed(5))
+    inputs = [pooled, ids, *bank_args(bank)]
+    on_device = [t.to(device) for t in inputs]
+    out, grads = kernel_grads(pedro_ext.generate, on_device, grad.to(device))
+    exp, exp_grads = ref_grads(ref.generate, inputs, grad)
+    for name, a, e in zip(["vectors", "pooled", None, "w_down", "b_down", "rat_num", "rat_den",
+                           "w_up", "b_up"], [out, *grads], [exp, *exp_grads]):
+        if name is None:
+            continue
+        a = a.cpu().double()
+        assert torch.isfinite(a).all(), f"{name}: {a}"
+        assert (a - e).abs().max() <= 1e-4 * e.abs().max(), name
 
 
 # ----------------------------------------------------------------------- generate

@@ -86,7 +86,7 @@ std::tuple<Tensor, Tensor, Tensor> rational_backward_cpu(const Tensor& grad_in, 
               const acc_t g = static_cast<acc_t>(gp[i]);
               const auto t = rational_terms<acc_t>(z, num.data(), nl, den.data(), dl);
               gxp[i] = static_cast<scalar_t>(g * rational_dz(t));
-              rational_coef_grads_accumulate(z, g, t, pc, nl, pc + nl, dl);
+              rational_coef_grads_accumulate(g, t, pc, nl, pc + nl, dl);
             }
           }
         });
@@ -212,10 +212,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> generate_back
           for (int64_t j = 0; j < s.D; ++j)
             gh += static_cast<acc_t>(wrow[j]) * static_cast<acc_t>(grow[j]);
           const auto t = rational_terms<acc_t>(z[k], num, (int)s.num_len, den, (int)s.den_len);
-          h[b * s.r + k] = t.p / t.q;
+          h[b * s.r + k] = rational_of(t);
           gz[b * s.r + k] = gh * rational_dz(t);
           acc_t* gcb = gc.data() + b * nc;
-          rational_coef_grads_accumulate(z[k], gh, t, gcb, (int)s.num_len, gcb + s.num_len,
+          rational_coef_grads_accumulate(gh, t, gcb, (int)s.num_len, gcb + s.num_len,
                                          (int)s.den_len);
         }
         const scalar_t* wd = wdp + a * s.d * s.r;

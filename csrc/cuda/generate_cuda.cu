@@ -58,7 +58,7 @@ __global__ void rational_backward_kernel(const T* grad, const T* x, T* grad_x, i
     const acc_t g = to_acc(grad[i]);
     const auto t = rational_terms<acc_t>(z, cn, nl, cd, dl);
     grad_x[i] = static_cast<T>(g * rational_dz(t));
-    rational_coef_grads_accumulate(z, g, t, gc, nl, gc + nl, dl);
+    rational_coef_grads_accumulate(g, t, gc, nl, gc + nl, dl);
   }
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
   for (int c = 0; c < nl + dl; ++c) {
@@ -222,10 +222,10 @@ __global__ void backward_request_kernel(const at::opmath_type<T>* z, const I* id
   for (int64_t k = threadIdx.x; k < bv.r; k += blockDim.x) {
     const acc_t zk = z[b * bv.r + k];
     const auto t = rational_terms<acc_t>(zk, cn, nl, cd, dl);
-    h_out[b * bv.r + k] = t.p / t.q;
+    h_out[b * bv.r + k] = rational_of(t);
     gz[k] = gh[k] * rational_dz(t);
     gz_out[b * bv.r + k] = gz[k];
-    rational_coef_grads_accumulate(zk, gh[k], t, gc, nl, gc + nl, dl);
+    rational_coef_grads_accumulate(gh[k], t, gc, nl, gc + nl, dl);
   }
   for (int c = 0; c < nc; ++c) {
     const acc_t s = warp_sum(gc[c]);

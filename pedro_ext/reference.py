@@ -1,7 +1,9 @@
 """Pure-PyTorch PEDRO ops, written for clarity: the independent reference the kernels are
 tested against. Differentiable with ordinary autograd. Computes in float32 (float64 for
 float64 inputs) and rounds once to the input dtype, like the kernels (act_mul_modulate: like
-eager torch, see there). Invalid ids follow the
+eager torch, see there), except the rational unit: the plain formula in float64, where its
+powers (z^9 in the gradients) do not overflow for |z| up to ~1e30 (the kernels evaluate it in
+float32 with the terms scaled, see csrc/rational.h). Invalid ids follow the
 kernels' rule (see pedro_ext.ops): the output they select is a constant NaN (torch.where, so
 no gradient flows through it).
 """
@@ -16,29 +18,18 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
 def rational_eval(z: torch.Tensor, rat_num: torch.Tensor, rat_den: torch.Tensor) -> torch.Tensor:
     """R(z) = (c0 + c1 z + ... + cm z^m) / (1 + |d1 z + ... + dn z^n|).
 
-    rat_num [..., m+1] and rat_den [..., n] broadcast against z along their leading dims.
-    As in the kernels (csrc/rational.h), P and A are evaluated scaled by a power of two
-    s >= |z| so that they do not overflow where R does not: with w = z / s and u = 1 / s,
-    P u^m = sum c_j w^j u^(m-j), and R = (P u^m) / (u^n + |A u^n|) s^(m-n)."""
-    big = (z.abs() > 1) & z.isfinite()
-    e = torch.where(big, torch.frexp(z.detach().abs()).exponent, 0)
-    u = torch.ldexp(torch.ones_like(z), -e)
-    w = z * u
-    p, up = torch.zeros_like(z), torch.ones_like(z)
+    rat_num [..., m+1] and rat_den [..., n] broadcast against z along their leading dims."""
+    p = torch.zeros_like(z)
     for j in reversed(range(rat_num.shape[-1])):
-        p = p * w + rat_num[..., j] * up
-        up = up * u
-    a, up = torch.zeros_like(z), torch.ones_like(z)
+        p = p * z + rat_num[..., j]
+    a = torch.zeros_like(z)
     for k in reversed(range(rat_den.shape[-1])):
-        a = a * w + rat_den[..., k] * up
-        up = up * u
-    m, n = rat_num.shape[-1] - 1, rat_den.shape[-1]
-    return torch.ldexp(p / (up + (a * w).abs()), e * (m - n))
+        a = a * z + rat_den[..., k]
+    return p / (1 + (a * z).abs())
 
 
 def rational(x: torch.Tensor, rat_num: torch.Tensor, rat_den: torch.Tensor) -> torch.Tensor:
-    acc = _acc_dtype(x.dtype)
-    return rational_eval(x.to(acc), rat_num.to(acc), rat_den.to(acc)).to(x.dtype)
+    return rational_eval(x.double(), rat_num.double(), rat_den.double()).to(x.dtype)
 
 
 def generate(pooled, adapter_ids, w_down, b_down, rat_num, rat_den, w_up, b_up) -> torch.Tensor:
@@ -54,7 +45,8 @@ def generate(pooled, adapter_ids, w_down, b_down, rat_num, rat_den, w_up, b_up) 
     else:
         a = torch.where(has_adapter, ids, 0)
         z = torch.einsum("bd,bdr->br", pooled.to(acc), w_down[a].to(acc)) + b_down[a].to(acc)
-        h = rational_eval(z, rat_num[a].to(acc).unsqueeze(1), rat_den[a].to(acc).unsqueeze(1))
+        h = rational_eval(z.double(), rat_num[a].double().unsqueeze(1),
+                          rat_den[a].double().unsqueeze(1)).to(acc)
         v = 1 + torch.einsum("br,brD->bD", h, w_up[a].to(acc)) + b_up[a].to(acc)
         v = torch.where(has_adapter.unsqueeze(1), v, ones)
     v = torch.where(valid.unsqueeze(1), v, torch.full_like(v, float("nan")))

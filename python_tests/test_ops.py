@@ -5,7 +5,8 @@ import torch
 
 import pedro_ext
 from pedro_ext import reference as ref
-from pedro_ext.activations import GELU_DEN, GELU_NUM, GELU_WIDE_DEN, GELU_WIDE_NUM, gelu
+from pedro_ext.activations import (GELU_DEN, GELU_NUM, GELU_WIDE_DEN, GELU_WIDE_NUM, gelu,
+                                   rational_init)
 
 from conftest import assert_close, requires_cuda
 from helpers import (act_mul_layouts, assert_bitwise, bank_args, check_modulate_inplace_memory_rules,
@@ -79,57 +80,91 @@ def _rational_plain_f64(x, num, den):
     return p / (1 + a.abs())
 
 
-def _rational_term_sizes_f64(x, num, den):
-    """The sizes of the terms R and its gradients are made of: float rounding is relative to
-    them, not to the result, which cancels where R crosses zero or levels off. R and
-    dR/dd_k = -sign(A) x^k P / Q^2 carry P's rounding, relative to sum |c_j x^j|;
-    dR/dx = P'/Q - sign(A) A' P / Q^2, relative to |P'/Q| + |A' P / Q^2|."""
+def _rational_error_scales_f64(x, num, den):
+    """For R and each gradient, per entry, the size of the terms it is computed from: float
+    rounding is relative to them, not to the result, which cancels where R crosses zero or
+    levels off. R and dR/dd_k = -sign(A) x^k P / Q^2 carry P's rounding, relative to
+    sum |c_j x^j|; dR/dx = P'/Q - sign(A) A' P / Q^2, relative to |P'/Q| + |A' P / Q^2|;
+    dR/dc_j = x^j / Q has no cancellation."""
     p = sum(c * x ** j for j, c in enumerate(num))
     p_terms = sum((c * x ** j).abs() for j, c in enumerate(num))
     dp = sum(j * c * x ** (j - 1) for j, c in enumerate(num) if j)
     a = sum(d * x ** (k + 1) for k, d in enumerate(den))
     da = sum((k + 1) * d * x ** k for k, d in enumerate(den))
     q = 1 + a.abs()
-    den_terms = max(x.abs() ** (k + 1) for k in range(len(den))) * p_terms / q ** 2
-    return p_terms / q, (dp / q).abs() + (da * p / q ** 2).abs(), den_terms
+    return [p_terms / q, (dp / q).abs() + (da * p / q ** 2).abs(),
+            torch.cat([x.abs() ** j / q for j in range(len(num))]),
+            torch.cat([x.abs() ** (k + 1) * p_terms / q ** 2 for k in range(len(den))])]
 
 
 def _rational_on_cuda(x, num, den):
     return pedro_ext.rational(x.cuda(), num.cuda(), den.cuda()).cpu()
 
 
+def _coefficients(kind, g):
+    if kind == "gelu":
+        return torch.tensor(GELU_WIDE_NUM).double(), torch.tensor(GELU_WIDE_DEN).double()
+    if kind == "identity":  # a documented init: R(z) = z exactly
+        return rational_init("identity", 5, 4)
+    if kind == "zero tops":  # R = 1 / (1 + |z|): zero highest coefficients on both sides
+        return (torch.tensor([1.0, 0, 0, 0, 0, 0], dtype=torch.float64),
+                torch.tensor([1.0, 0, 0, 0], dtype=torch.float64))
+    m, n = kind
+    return (torch.randn(m + 1, generator=g, dtype=torch.float64),
+            torch.randn(n, generator=g, dtype=torch.float64))
+
+
 @pytest.mark.parametrize("impl", ["kernel", "reference", pytest.param("cuda", marks=requires_cuda)])
-@pytest.mark.parametrize("degrees", [(5, 4), (4, 4), (3, 4), (5, 3)])
-def test_rational_far_outside_the_fit_is_finite_and_accurate(impl, degrees):
-    """float32 terms overflow at |x| ~ 1e7 (x^5 in P, x^9 in the gradients) long before R or
-    its gradients do: the value and every gradient must match float64 up to |x| = 1e30, to
-    float32 rounding of the terms each is computed from (the coefficient gradients relative
-    to the largest of them)."""
+@pytest.mark.parametrize("coefs", ["gelu", "identity", "zero tops", (4, 4), (3, 4), (5, 3)],
+                         ids=str)
+def test_rational_far_outside_the_fit_is_finite_and_accurate(impl, coefs):
+    """float32 terms overflow at |x| ~ 1e5 (x^9 in the gradients) long before R or its
+    gradients do: the value and every gradient entry must match float64 up to |x| = 1e30, to
+    float32 rounding of the terms each is computed from."""
     fn = dict(kernel=pedro_ext.rational, reference=ref.rational, cuda=_rational_on_cuda)[impl]
-    g = torch.Generator().manual_seed(5)
-    num = torch.randn(degrees[0] + 1, generator=g, dtype=torch.float64)
-    den = torch.randn(degrees[1], generator=g, dtype=torch.float64)
-    if degrees == (5, 4):
-        num, den = torch.tensor(GELU_WIDE_NUM).double(), torch.tensor(GELU_WIDE_DEN).double()
+    num, den = _coefficients(coefs, torch.Generator().manual_seed(5))
     checked = 0
-    for v in (0.75, 3.0, 1e3, 1e7, 1e8, 1e12, 1e20, 1e30):
+    for v in (0.75, 3.0, 1e3, 3e5, 1e7, 1e8, 2 ** 40, 1e12, 1e20, 1e30):
         for x in (v, -v):
             x64 = torch.tensor([x], dtype=torch.float64)
             exp, exp_grads = kernel_grads(_rational_plain_f64, [x64, num, den],
                                           torch.ones(1, dtype=torch.float64))
-            if max(t.abs().max() for t in [exp, *exp_grads]) > 1e37:
-                continue  # beyond float32 (R ~ x^(m-n) with m > n + 1)
             out, grads = kernel_grads(fn, [x64.float(), num.float(), den.float()], torch.ones(1))
-            value, dx, dden = _rational_term_sizes_f64(x64, num, den)
-            scales = [value, dx, exp_grads[1].abs().max(), dden]
+            scales = _rational_error_scales_f64(x64, num, den)
             for name, a, e, scale in zip(["value", "grad x", "grad rat_num", "grad rat_den"],
                                          [out, *grads], [exp, *exp_grads], scales):
-                assert torch.isfinite(a).all(), f"{impl} {name} at x={x}: {a}"
+                a, fits = a.double(), e.abs() < 1e37  # else beyond float32 (e.g. dR/dc5 = x^5)
+                assert torch.isfinite(a[fits]).all(), f"{impl} {name} at x={x}: {a}"
+                assert (a[~fits].abs() >= 1e37).all(), f"{impl} {name} at x={x}: {a}"
                 # (1e-37: below float32's smallest normal number, 1.2e-38, precision runs out)
-                ok = (a.double() - e).abs() <= 1e-5 * scale + 1e-37
+                ok = (a - e).abs()[fits] <= 1e-5 * scale[fits] + 1e-37
                 assert ok.all(), f"{impl} {name} at x={x}: {a} != {e}"
-            checked += abs(x) >= 1e7
+            checked += abs(x) >= 1e7 and bool(exp.abs() < 1e37)
     assert checked >= 6
+
+
+def test_rational_kernel_is_the_plain_formula_bit_for_bit_where_that_is_finite():
+    """The scaling by powers of two is exact: on |x| <= 1e4 (no overflow, no subnormal terms)
+    value and gradient are those of the textbook Horner evaluation in float32, to the bit."""
+    g = torch.Generator().manual_seed(6)
+    x = torch.randn(4001, generator=g) * torch.logspace(-3, 4, 4001)
+    num, den = torch.randn(6, generator=g) * 0.5, torch.randn(4, generator=g) * 0.5
+    leaf = x.clone().requires_grad_()
+    out = pedro_ext.rational(leaf, num, den)
+    out.backward(torch.ones_like(out))
+    p, dp = torch.zeros_like(x), torch.zeros_like(x)
+    for c in reversed(num):
+        dp = dp * x + p
+        p = p * x + c
+    s, ds = torch.zeros_like(x), torch.zeros_like(x)
+    for d in reversed(den):
+        ds = ds * x + s
+        s = s * x + d
+    a, da = x * s, s + x * ds
+    q = 1 + a.abs()
+    assert torch.isfinite(leaf.grad).all()
+    assert_bitwise(out.detach(), p / q, "value")
+    assert_bitwise(leaf.grad, dp / q - torch.sign(a) * da * p / (q * q), "grad x")
 
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=requires_cuda)])

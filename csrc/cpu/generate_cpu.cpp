@@ -46,11 +46,12 @@ Tensor rational_cpu(const Tensor& x_in, const Tensor& rat_num, const Tensor& rat
     const auto den = to_acc(rat_den.contiguous().data_ptr<scalar_t>(), rat_den.numel());
     const scalar_t* xp = x.data_ptr<scalar_t>();
     scalar_t* yp = y.data_ptr<scalar_t>();
+    const auto coefs = rational_coefs<acc_t>(num.data(), (int)num.size(), den.data(),
+                                             (int)den.size());
     at::parallel_for(0, x.numel(), 2048, [&](int64_t b, int64_t e) {
-      for (int64_t i = b; i < e; ++i) {
-        yp[i] = static_cast<scalar_t>(rational_value<acc_t>(
-            static_cast<acc_t>(xp[i]), num.data(), (int)num.size(), den.data(), (int)den.size()));
-      }
+      const auto c = coefs;  // a local the stores to yp cannot alias: kept in registers
+      for (int64_t i = b; i < e; ++i)
+        yp[i] = static_cast<scalar_t>(rational_value(static_cast<acc_t>(xp[i]), c));
     });
   });
   return y;
@@ -72,6 +73,7 @@ std::tuple<Tensor, Tensor, Tensor> rational_backward_cpu(const Tensor& grad_in, 
         const auto num = to_acc(rat_num.contiguous().data_ptr<scalar_t>(), rat_num.numel());
         const auto den = to_acc(rat_den.contiguous().data_ptr<scalar_t>(), rat_den.numel());
         const int nl = (int)num.size(), dl = (int)den.size(), nc = nl + dl;
+        const auto coefs = rational_coefs<acc_t>(num.data(), nl, den.data(), dl);
         const int64_t n = x.numel();
         const int64_t chunks = (n + kReduceChunk - 1) / kReduceChunk;
         std::vector<acc_t> partial(chunks * nc, acc_t(0));
@@ -79,12 +81,13 @@ std::tuple<Tensor, Tensor, Tensor> rational_backward_cpu(const Tensor& grad_in, 
         const scalar_t* gp = grad.data_ptr<scalar_t>();
         scalar_t* gxp = grad_x.data_ptr<scalar_t>();
         at::parallel_for(0, chunks, 1, [&](int64_t cb, int64_t ce) {
+          const auto local_coefs = coefs;  // kept in registers (see rational_cpu)
           for (int64_t c = cb; c < ce; ++c) {
             acc_t* pc = partial.data() + c * nc;
             for (int64_t i = c * kReduceChunk; i < std::min(n, (c + 1) * kReduceChunk); ++i) {
               const acc_t z = static_cast<acc_t>(xp[i]);
               const acc_t g = static_cast<acc_t>(gp[i]);
-              const auto t = rational_terms<acc_t>(z, num.data(), nl, den.data(), dl);
+              const auto t = rational_terms(z, local_coefs);
               gxp[i] = static_cast<scalar_t>(g * rational_dz(t));
               rational_coef_grads_accumulate(g, t, pc, nl, pc + nl, dl);
             }
@@ -143,12 +146,12 @@ Tensor generate_cpu(const Tensor& pooled_in, const Tensor& adapter_ids, const Te
           continue;
         }
         down_project(pp + b * s.d, wdp + a * s.d * s.r, bdp + a * s.r, s.d, s.r, z.data());
-        const scalar_t* num = np + a * s.num_len;  // rational_value widens each coefficient
-        const scalar_t* den = dp + a * s.den_len;
+        const auto coefs = rational_coefs<acc_t>(np + a * s.num_len, (int)s.num_len,
+                                                 dp + a * s.den_len, (int)s.den_len);
         const scalar_t* bu = bup + a * bu_s0;
         for (int64_t j = 0; j < s.D; ++j) acc[j] = static_cast<acc_t>(bu[j]);
         for (int64_t k = 0; k < s.r; ++k) {
-          const acc_t h = rational_value<acc_t>(z[k], num, (int)s.num_len, den, (int)s.den_len);
+          const acc_t h = rational_value(z[k], coefs);
           const scalar_t* wrow = wup + a * wu_s0 + k * wu_s1;
           for (int64_t j = 0; j < s.D; ++j) acc[j] += h * static_cast<acc_t>(wrow[j]);
         }
@@ -203,15 +206,15 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> generate_back
           continue;
         }
         down_project(pp + b * s.d, wdp + a * s.d * s.r, bdp + a * s.r, s.d, s.r, z.data());
-        const scalar_t* num = np + a * s.num_len;
-        const scalar_t* den = dp + a * s.den_len;
+        const auto coefs = rational_coefs<acc_t>(np + a * s.num_len, (int)s.num_len,
+                                                 dp + a * s.den_len, (int)s.den_len);
         const scalar_t* grow = gp + b * s.D;
         for (int64_t k = 0; k < s.r; ++k) {
           const scalar_t* wrow = wup + a * wu_s0 + k * wu_s1;
           acc_t gh = 0;
           for (int64_t j = 0; j < s.D; ++j)
             gh += static_cast<acc_t>(wrow[j]) * static_cast<acc_t>(grow[j]);
-          const auto t = rational_terms<acc_t>(z[k], num, (int)s.num_len, den, (int)s.den_len);
+          const auto t = rational_terms(z[k], coefs);
           h[b * s.r + k] = rational_of(t);
           gz[b * s.r + k] = gh * rational_dz(t);
           acc_t* gcb = gc.data() + b * nc;

@@ -33,9 +33,10 @@ __global__ void rational_kernel(const T* x, T* y, int64_t n, const T* num, int n
   if (threadIdx.x < nl) cn[threadIdx.x] = to_acc(num[threadIdx.x]);
   if (threadIdx.x < dl) cd[threadIdx.x] = to_acc(den[threadIdx.x]);
   __syncthreads();
+  const auto coefs = rational_coefs<acc_t>(cn, nl, cd, dl);
   for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n;
        i += (int64_t)gridDim.x * blockDim.x)
-    y[i] = static_cast<T>(rational_value<acc_t>(to_acc(x[i]), cn, nl, cd, dl));
+    y[i] = static_cast<T>(rational_value(to_acc(x[i]), coefs));
 }
 
 // Block j writes its coefficient-gradient sums to partial[j]; sum_splits_kernel adds them in
@@ -52,11 +53,12 @@ __global__ void rational_backward_kernel(const T* grad, const T* x, T* grad_x, i
   __syncthreads();
   acc_t gc[2 * kMaxCoefCuda];
   for (int c = 0; c < nl + dl; ++c) gc[c] = acc_t(0);
+  const auto coefs = rational_coefs<acc_t>(cn, nl, cd, dl);
   for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n;
        i += (int64_t)gridDim.x * blockDim.x) {
     const acc_t z = to_acc(x[i]);
     const acc_t g = to_acc(grad[i]);
-    const auto t = rational_terms<acc_t>(z, cn, nl, cd, dl);
+    const auto t = rational_terms(z, coefs);
     grad_x[i] = static_cast<T>(g * rational_dz(t));
     rational_coef_grads_accumulate(g, t, gc, nl, gc + nl, dl);
   }
@@ -143,8 +145,9 @@ __global__ void expand_kernel(const at::opmath_type<T>* z, const I* ids, const T
   if (a >= 0 && valid) {
     const T* cn = num + a * bv.nl;
     const T* cd = den + a * bv.dl;
+    const auto coefs = rational_coefs<acc_t>(cn, (int)bv.nl, cd, (int)bv.dl);
     for (int64_t k = threadIdx.x; k < bv.r; k += blockDim.x)
-      h[k] = rational_value<acc_t>(z[b * bv.r + k], cn, (int)bv.nl, cd, (int)bv.dl);
+      h[k] = rational_value(z[b * bv.r + k], coefs);
   }
   __syncthreads();
   if (col < bv.D) {
@@ -219,9 +222,10 @@ __global__ void backward_request_kernel(const at::opmath_type<T>* z, const I* id
   const T* cd = den + a * bv.dl;
   acc_t gc[2 * kMaxCoefCuda];
   for (int c = 0; c < nc; ++c) gc[c] = acc_t(0);
+  const auto coefs = rational_coefs<acc_t>(cn, nl, cd, dl);
   for (int64_t k = threadIdx.x; k < bv.r; k += blockDim.x) {
     const acc_t zk = z[b * bv.r + k];
-    const auto t = rational_terms<acc_t>(zk, cn, nl, cd, dl);
+    const auto t = rational_terms(zk, coefs);
     h_out[b * bv.r + k] = rational_of(t);
     gz[k] = gh[k] * rational_dz(t);
     gz_out[b * bv.r + k] = gz[k];

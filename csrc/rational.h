@@ -10,13 +10,14 @@
 //
 // Large |z|: P, A and the gradients' products reach z^(m+n) and more, which overflows float
 // long before R does (with the default GELU coefficients the plain float32 gradient is NaN from
-// |z| ~ 3e5). The terms are therefore kept scaled by a power of two s = 2^e > |z| (s = 1 for
-// |z| <= 1): w = z / s and u = 1 / s are at most 1 in magnitude, and each result is unscaled at
-// the end. m and n are the degrees of the highest nonzero coefficients (identity init: m = 1,
-// n = 0), so the scaled terms keep the size of the largest term instead of underflowing.
-// Scaling by a power of two is exact, so wherever the plain formulas neither overflow nor
-// underflow and no scaled term is subnormal the results are bit-for-bit theirs; for |z| <= 1
-// always.
+// |z| ~ 3e5). Where a term of the plain formulas overflows (never below plain_max, a bound
+// computed once per coefficient set: 2^11 for the default coefficients) the terms are kept
+// scaled by a power of two s = 2^e > |z|: w = z / s and u = 1 / s are at most 1 in magnitude,
+// and each result is unscaled at the end. m and n are the degrees of the highest nonzero
+// coefficients (identity init: m = 1, n = 0), so the scaled terms keep the size of the largest
+// term instead of underflowing. Wherever the plain formulas' terms are all finite the results
+// are bit-for-bit theirs (checked per point beyond plain_max); elsewhere they are accurate to
+// float rounding of the terms they are made of.
 #pragma once
 
 #include <math.h>
@@ -25,8 +26,10 @@
 
 #if defined(__CUDACC__)
 #define PEDRO_HD __host__ __device__ __forceinline__
+#define PEDRO_COLD __host__ __device__ __forceinline__
 #else
 #define PEDRO_HD inline __attribute__((always_inline))
+#define PEDRO_COLD inline __attribute__((noinline, cold))
 #endif
 
 namespace pedro_ext {
@@ -80,6 +83,21 @@ PEDRO_HD int scale_exponent(double z) {
   return (field >= 1023 && field < 2047 && (z > 1.0 || z < -1.0)) ? field - 1022 : 0;
 }
 
+// x = f 2^e with f in [0.5, 1) for positive finite x (subnormal included); 0 for 0.
+PEDRO_HD int exponent_of(float x) {
+  const int field = static_cast<int>((bits_of(x) >> 23) & 0xffu);
+  if (field != 0) return field - 126;
+  return x == 0.f ? 0 : static_cast<int>((bits_of(x * 0x1p64f) >> 23) & 0xffu) - 126 - 64;
+}
+PEDRO_HD int exponent_of(double x) {
+  const int field = static_cast<int>((bits_of(x) >> 52) & 0x7ffu);
+  if (field != 0) return field - 1022;
+  return x == 0.0 ? 0 : static_cast<int>((bits_of(x * 0x1p64) >> 52) & 0x7ffu) - 1022 - 64;
+}
+
+PEDRO_HD bool is_finite(float x) { return ((bits_of(x) >> 23) & 0xffu) != 0xffu; }
+PEDRO_HD bool is_finite(double x) { return ((bits_of(x) >> 52) & 0x7ffu) != 0x7ffu; }
+
 // x * 2^k: one exact multiply while 2^k is a normal number, ldexp beyond (huge |z| only)
 PEDRO_HD float scale_pow2(float x, int k) {
   if (k >= -126 && k <= 127) return x * float_of(static_cast<uint32_t>(k + 127) << 23);
@@ -115,21 +133,28 @@ PEDRO_HD RationalCoefs<acc_t, coef_t> rational_coefs(const coef_t* num, int num_
   RationalCoefs<acc_t, coef_t> c{num, num_len, den, den_len, num_len - 1, den_len, acc_t(0)};
   while (c.m > 0 && static_cast<acc_t>(num[c.m]) == acc_t(0)) --c.m;
   while (c.n > 0 && static_cast<acc_t>(den[c.n - 1]) == acc_t(0)) --c.n;
-  // Every term of the plain formulas is at most (L big)^2 max(1, |z|)^power, L = num_len +
-  // den_len: power = m + 2n for A' P and Q^2 in dR/dz, and the powers z^j, z^k the
-  // coefficient gradients multiply by reach num_len - 1 and den_len.
-  acc_t big = acc_t(num_len + den_len + 1);
+  // Every term of the plain formulas is at most big^2 max(1, |z|)^power, big = L max(1,
+  // |coefficients|), L = num_len + den_len + 1: power = max(m + n - 1, 2n) for A' P and
+  // Q^2 in dR/dz; the powers z^j, z^k the coefficient gradients multiply by reach
+  // num_len - 1 and den_len. (The upstream gradient multiplies some of them: the 2^28 left
+  // below float's 2^128 leave room for it.)
+  const acc_t count = acc_t(num_len + den_len + 1);
+  acc_t big = count;
   for (int j = 0; j < num_len; ++j) {
-    const acc_t a = abs_of(static_cast<acc_t>(num[j])) * acc_t(num_len + den_len + 1);
+    const acc_t a = abs_of(static_cast<acc_t>(num[j])) * count;
     big = a > big ? a : big;
   }
   for (int k = 0; k < den_len; ++k) {
-    const acc_t a = abs_of(static_cast<acc_t>(den[k])) * acc_t(num_len + den_len + 1);
+    const acc_t a = abs_of(static_cast<acc_t>(den[k])) * count;
     big = a > big ? a : big;
   }
-  // plain_max = 2^t with big^2 2^(t (m + 2n)) <= 2^100 (float) / 2^1000 (double)
+  if (!is_finite(big)) {  // (inf or NaN coefficients: never rely on the bound)
+    c.plain_max = acc_t(1);
+    return c;
+  }
+  // plain_max = 2^t with big^2 2^(t power) <= 2^100 (float) / 2^1000 (double)
   const int headroom = (sizeof(acc_t) == 4 ? 100 : 1000) - 2 * scale_exponent(big) - 2;
-  int power = c.m + 2 * c.n;
+  int power = c.m + c.n - 1 > 2 * c.n ? c.m + c.n - 1 : 2 * c.n;
   power = power > num_len - 1 ? power : num_len - 1;
   power = power > den_len ? power : den_len;
   const int t = headroom / (power > 0 ? power : 1);
@@ -150,6 +175,10 @@ struct RationalTerms {
   acc_t q;
   acc_t w;  // z / s
   int e;    // s = 2^e
+  // Scaled terms: q, p, dp and da are stored as mantissas in [0.5, 1) (q > 0) with their
+  // exponents here, so that no product or quotient of them under- or overflows before the
+  // result is unscaled (Q ~ 1 with u^n tiny; tiny coefficients). 0 for the plain formulas.
+  int fq, fp, fdp, fda;
   int m, n;
 };
 
@@ -179,19 +208,49 @@ PEDRO_HD void rational_horner(RationalTerms<acc_t>& t, acc_t w, acc_t u,
   t.q = up + abs_of(t.a);
 }
 
+// Whether every product the plain formulas form from these terms is finite: A' P and Q^2
+// (dR/dz), and the powers z^j, z^k of the coefficient gradients.
+template <typename acc_t, typename coef_t>
+PEDRO_HD bool plain_terms_fit(const RationalTerms<acc_t>& t, acc_t z,
+                              const RationalCoefs<acc_t, coef_t>& c) {
+  const int grad_power = c.num_len - 1 > c.den_len ? c.num_len - 1 : c.den_len;
+  return is_finite(t.p) && is_finite(t.dp) && is_finite(t.da * t.p) && is_finite(t.q * t.q) &&
+         scale_exponent(z) * grad_power <= (sizeof(acc_t) == 4 ? 120 : 1000);
+}
+
+// The scaled terms in place of plain ones that do not fit. Out of line on the host, taking and
+// returning copies: the hot loop keeps the plain terms in registers.
+template <typename acc_t, typename coef_t>
+PEDRO_COLD RationalTerms<acc_t> rational_rescaled(RationalTerms<acc_t> t, acc_t z,
+                                                  const RationalCoefs<acc_t, coef_t> c) {
+  t.e = scale_exponent(z);  // (0 for inf and NaN: they stay the plain formulas')
+  if (t.e == 0) return t;
+  const acc_t u = scale_pow2(acc_t(1), -t.e);
+  t.w = z * u;
+  rational_horner<true>(t, t.w, u, c);
+  t.fq = exponent_of(abs_of(t.q));
+  t.q = scale_pow2(t.q, -t.fq);
+  t.fp = exponent_of(abs_of(t.p));
+  t.p = scale_pow2(t.p, -t.fp);
+  t.fdp = exponent_of(abs_of(t.dp));
+  t.dp = scale_pow2(t.dp, -t.fdp);
+  t.fda = exponent_of(abs_of(t.da));
+  t.da = scale_pow2(t.da, -t.fda);
+  return t;
+}
+
+// The plain formulas wherever they fit (always below plain_max, where no check is needed),
+// so the results there are the plain formulas' to the bit; the scaled terms elsewhere.
 template <typename acc_t, typename coef_t>
 PEDRO_HD RationalTerms<acc_t> rational_terms(acc_t z, const RationalCoefs<acc_t, coef_t>& c) {
   RationalTerms<acc_t> t;
   t.m = c.m;
   t.n = c.n;
-  t.e = abs_of(z) > c.plain_max ? scale_exponent(z) : 0;
+  t.e = 0;
+  t.fq = t.fp = t.fdp = t.fda = 0;
   t.w = z;
-  if (t.e == 0) {
-    rational_horner<false>(t, z, acc_t(1), c);
-  } else {
-    t.w = z * scale_pow2(acc_t(1), -t.e);
-    rational_horner<true>(t, t.w, scale_pow2(acc_t(1), -t.e), c);
-  }
+  rational_horner<false>(t, z, acc_t(1), c);
+  if (abs_of(z) > c.plain_max && !plain_terms_fit(t, z, c)) t = rational_rescaled(t, z, c);
   return t;
 }
 
@@ -204,7 +263,7 @@ PEDRO_HD acc_t sign_of(acc_t v) {
 template <typename acc_t>
 PEDRO_HD acc_t rational_of(const RationalTerms<acc_t>& t) {
   const acc_t r = t.p / t.q;
-  return t.e == 0 ? r : scale_pow2(r, t.e * (t.m - t.n));
+  return t.e == 0 ? r : scale_pow2(r, t.e * (t.m - t.n) + t.fp - t.fq);
 }
 
 template <typename acc_t, typename coef_t>
@@ -212,15 +271,19 @@ PEDRO_HD acc_t rational_value(acc_t z, const RationalCoefs<acc_t, coef_t>& c) {
   return rational_of(rational_terms(z, c));
 }
 
-// dR/dz = P'/Q - sign(A) A' P / Q^2 = (dp/q - sign(a) da p / q^2) s^(m-n-1)
+// dR/dz = P'/Q - sign(A) A' P / Q^2 = (dp/q - sign(a) da p / q^2) s^(m-n-1); scaled, each
+// term from mantissas with its own power of two
 template <typename acc_t>
 PEDRO_HD acc_t rational_dz(const RationalTerms<acc_t>& t) {
-  const acc_t d = t.dp / t.q - sign_of(t.a) * t.da * t.p / (t.q * t.q);
-  return t.e == 0 ? d : scale_pow2(d, t.e * (t.m - t.n - 1));
+  if (t.e == 0) return t.dp / t.q - sign_of(t.a) * t.da * t.p / (t.q * t.q);
+  const int k = t.e * (t.m - t.n - 1);
+  return scale_pow2(t.dp / t.q, k + t.fdp - t.fq) -
+         scale_pow2(sign_of(t.a) * t.da * (t.p / t.q) / t.q, k + t.fda + t.fp - 2 * t.fq);
 }
 
 // Adds g * dR/dc_j = g z^j / Q = g w^j / q s^(j-n) to grad_num[j] and
-// g * dR/dd_k = -g sign(A) z^k P / Q^2 = -g sign(a) w^k p / q^2 s^(m+k-2n) to grad_den[k-1],
+// g * dR/dd_k = -g sign(A) z^k P / Q^2 = -g sign(a) w^k p / q^2 s^(m+k-2n) to grad_den[k-1]
+// (scaled: from the mantissas, with their exponents),
 // for one point z (its terms t) with upstream gradient g; num_len and den_len are the full
 // lengths (the coefficients above the degrees m and n have gradients too).
 template <typename acc_t>
@@ -228,9 +291,9 @@ PEDRO_HD void rational_coef_grads_accumulate(acc_t g, const RationalTerms<acc_t>
                                              acc_t* grad_num, int num_len, acc_t* grad_den,
                                              int den_len) {
   const acc_t inv_q = acc_t(1) / t.q;
-  const acc_t c = -g * sign_of(t.a) * t.p * inv_q * inv_q;
   acc_t wp = acc_t(1);
   if (t.e == 0) {
+    const acc_t c = -g * sign_of(t.a) * t.p * inv_q * inv_q;
     for (int j = 0; j < num_len; ++j) {
       grad_num[j] += g * wp * inv_q;
       wp *= t.w;
@@ -242,13 +305,15 @@ PEDRO_HD void rational_coef_grads_accumulate(acc_t g, const RationalTerms<acc_t>
     }
     return;
   }
+  // scaled (mantissas and exponents): g applied last, so any g the result allows
+  const acc_t c = -sign_of(t.a) * (t.p / t.q) / t.q;
   for (int j = 0; j < num_len; ++j) {
-    grad_num[j] += scale_pow2(g * wp * inv_q, t.e * (j - t.n));
+    grad_num[j] += g * scale_pow2(wp * inv_q, t.e * (j - t.n) - t.fq);
     wp *= t.w;
   }
   wp = t.w;
   for (int k = 0; k < den_len; ++k) {
-    grad_den[k] += scale_pow2(c * wp, t.e * (t.m + k + 1 - 2 * t.n));
+    grad_den[k] += g * scale_pow2(c * wp, t.e * (t.m + k + 1 - 2 * t.n) + t.fp - 2 * t.fq);
     wp *= t.w;
   }
 }

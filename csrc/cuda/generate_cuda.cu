@@ -30,10 +30,13 @@ __global__ void rational_kernel(const T* x, T* y, int64_t n, const T* num, int n
                                 int dl) {
   using acc_t = at::opmath_type<T>;
   __shared__ acc_t cn[kMaxCoefCuda], cd[kMaxCoefCuda];
+  __shared__ RationalCoefs<acc_t, acc_t> shared_coefs;
   if (threadIdx.x < nl) cn[threadIdx.x] = to_acc(num[threadIdx.x]);
   if (threadIdx.x < dl) cd[threadIdx.x] = to_acc(den[threadIdx.x]);
   __syncthreads();
-  const auto coefs = rational_coefs<acc_t>(cn, nl, cd, dl);
+  if (threadIdx.x == 0) shared_coefs = rational_coefs<acc_t>(cn, nl, cd, dl);
+  __syncthreads();
+  const auto coefs = shared_coefs;
   for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n;
        i += (int64_t)gridDim.x * blockDim.x)
     y[i] = static_cast<T>(rational_value(to_acc(x[i]), coefs));
@@ -48,12 +51,15 @@ __global__ void rational_backward_kernel(const T* grad, const T* x, T* grad_x, i
   using acc_t = at::opmath_type<T>;
   __shared__ acc_t cn[kMaxCoefCuda], cd[kMaxCoefCuda];
   __shared__ acc_t red[kWarps][2 * kMaxCoefCuda];
+  __shared__ RationalCoefs<acc_t, acc_t> shared_coefs;
   if (threadIdx.x < nl) cn[threadIdx.x] = to_acc(num[threadIdx.x]);
   if (threadIdx.x < dl) cd[threadIdx.x] = to_acc(den[threadIdx.x]);
   __syncthreads();
+  if (threadIdx.x == 0) shared_coefs = rational_coefs<acc_t>(cn, nl, cd, dl);
+  __syncthreads();
+  const auto coefs = shared_coefs;
   acc_t gc[2 * kMaxCoefCuda];
   for (int c = 0; c < nl + dl; ++c) gc[c] = acc_t(0);
-  const auto coefs = rational_coefs<acc_t>(cn, nl, cd, dl);
   for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n;
        i += (int64_t)gridDim.x * blockDim.x) {
     const acc_t z = to_acc(x[i]);

@@ -10,7 +10,9 @@ weights, CPU), every method with a tuned learning rate:
         BBC items, loss on all (test_loss_labelled / test_loss_other per part in runs.jsonl).
   bbc-long, chat-long, mix-long: the same at twice the steps (converged training); bbc-xl at
         four times (evaluated every 24 steps), e.g. for
-        --methods pedro,pedro-static,lora-qvu --phase sweep, then --phase final.
+        --methods pedro,pedro-static,lora-qvu --phase sweep, then --phase final; bbc-xxl at
+        eight times (every 32 steps), each method at its bbc-xl configuration (no sweep of its
+        own: --phase final once bbc-xl's sweep is complete).
 Methods: pedro; pedro-static (only b_up trained: IA3 on q, v, up, the control for the
 prompt-dependent part); lora-qv and lora-qvu at PEDRO's parameter count; ia3 (peft defaults).
 Every run: AdamW, warm-up + linear decay, the task's steps and batch size, dev evaluation every

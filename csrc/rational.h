@@ -36,76 +36,70 @@ namespace pedro_ext {
 
 // Exponent field and power-of-two construction by bit pattern: a multiply instead of a libm
 // ldexp/frexp call per term (those cost 20x the arithmetic on the CPU and stop vectorising).
-PEDRO_HD uint32_t bits_of(float x) {
-#if defined(__CUDA_ARCH__)
-  return __float_as_uint(x);
-#else
-  uint32_t b;
-  memcpy(&b, &x, sizeof b);
-  return b;
-#endif
+template <typename F>
+struct FloatLayout;
+template <>
+struct FloatLayout<float> {
+  using Bits = uint32_t;
+  static constexpr int kMantissa = 23, kMaxField = 0xff, kBias = 127;
+};
+template <>
+struct FloatLayout<double> {
+  using Bits = uint64_t;
+  static constexpr int kMantissa = 52, kMaxField = 0x7ff, kBias = 1023;
+};
+
+template <typename F>
+PEDRO_HD int exponent_field(F x) {
+  using L = FloatLayout<F>;
+  typename L::Bits b;
+  memcpy(&b, &x, sizeof b);  // (a register move, on the host and on CUDA)
+  return static_cast<int>((b >> L::kMantissa) & static_cast<typename L::Bits>(L::kMaxField));
 }
-PEDRO_HD uint64_t bits_of(double x) {
-#if defined(__CUDA_ARCH__)
-  return static_cast<uint64_t>(__double_as_longlong(x));
-#else
-  uint64_t b;
-  memcpy(&b, &x, sizeof b);
-  return b;
-#endif
-}
-PEDRO_HD float float_of(uint32_t b) {
-#if defined(__CUDA_ARCH__)
-  return __uint_as_float(b);
-#else
-  float x;
+
+template <typename F>
+PEDRO_HD F pow2_of_field(int field) {  // 2^(field - bias), field in [1, max field - 1]
+  using L = FloatLayout<F>;
+  const typename L::Bits b = static_cast<typename L::Bits>(field) << L::kMantissa;
+  F x;
   memcpy(&x, &b, sizeof x);
   return x;
-#endif
 }
-PEDRO_HD double float_of(uint64_t b) {
-#if defined(__CUDA_ARCH__)
-  return __longlong_as_double(static_cast<long long>(b));
-#else
-  double x;
-  memcpy(&x, &b, sizeof x);
-  return x;
-#endif
+
+template <typename F>
+PEDRO_HD bool is_finite(F x) {
+  return exponent_field(x) != FloatLayout<F>::kMaxField;
 }
 
 // e with |z| = f 2^e, f in [0.5, 1), for finite |z| > 1; 0 otherwise (|z| <= 1, inf, NaN).
-PEDRO_HD int scale_exponent(float z) {
-  const int field = static_cast<int>((bits_of(z) >> 23) & 0xffu);
-  return (field >= 127 && field < 255 && (z > 1.f || z < -1.f)) ? field - 126 : 0;
-}
-PEDRO_HD int scale_exponent(double z) {
-  const int field = static_cast<int>((bits_of(z) >> 52) & 0x7ffu);
-  return (field >= 1023 && field < 2047 && (z > 1.0 || z < -1.0)) ? field - 1022 : 0;
+template <typename F>
+PEDRO_HD int scale_exponent(F z) {
+  using L = FloatLayout<F>;
+  const int field = exponent_field(z);
+  return (field >= L::kBias && field < L::kMaxField && (z > F(1) || z < F(-1)))
+             ? field - (L::kBias - 1)
+             : 0;
 }
 
 // x = f 2^e with f in [0.5, 1) for positive finite x (subnormal included); 0 for 0.
-PEDRO_HD int exponent_of(float x) {
-  const int field = static_cast<int>((bits_of(x) >> 23) & 0xffu);
-  if (field != 0) return field - 126;
-  return x == 0.f ? 0 : static_cast<int>((bits_of(x * 0x1p64f) >> 23) & 0xffu) - 126 - 64;
-}
-PEDRO_HD int exponent_of(double x) {
-  const int field = static_cast<int>((bits_of(x) >> 52) & 0x7ffu);
-  if (field != 0) return field - 1022;
-  return x == 0.0 ? 0 : static_cast<int>((bits_of(x * 0x1p64) >> 52) & 0x7ffu) - 1022 - 64;
+template <typename F>
+PEDRO_HD int exponent_of(F x) {
+  using L = FloatLayout<F>;
+  const int field = exponent_field(x);
+  if (field != 0) return field - (L::kBias - 1);
+  const F two64 = F(18446744073709551616.0);  // 2^64 brings a subnormal into the normal range
+  return x == F(0) ? 0 : exponent_field(x * two64) - (L::kBias - 1) - 64;
 }
 
-PEDRO_HD bool is_finite(float x) { return ((bits_of(x) >> 23) & 0xffu) != 0xffu; }
-PEDRO_HD bool is_finite(double x) { return ((bits_of(x) >> 52) & 0x7ffu) != 0x7ffu; }
+PEDRO_HD float ldexp_of(float x, int k) { return ldexpf(x, k); }
+PEDRO_HD double ldexp_of(double x, int k) { return ldexp(x, k); }
 
 // x * 2^k: one exact multiply while 2^k is a normal number, ldexp beyond (huge |z| only)
-PEDRO_HD float scale_pow2(float x, int k) {
-  if (k >= -126 && k <= 127) return x * float_of(static_cast<uint32_t>(k + 127) << 23);
-  return ldexpf(x, k);
-}
-PEDRO_HD double scale_pow2(double x, int k) {
-  if (k >= -1022 && k <= 1023) return x * float_of(static_cast<uint64_t>(k + 1023) << 52);
-  return ldexp(x, k);
+template <typename F>
+PEDRO_HD F scale_pow2(F x, int k) {
+  using L = FloatLayout<F>;
+  if (k > -L::kBias && k <= L::kBias) return x * pow2_of_field<F>(k + L::kBias);
+  return ldexp_of(x, k);
 }
 
 // One coefficient set, prepared once per set (not per point): full lengths for the gradients,

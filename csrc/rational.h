@@ -15,9 +15,10 @@
 // scaled by a power of two s = 2^e > |z|: w = z / s and u = 1 / s are at most 1 in magnitude,
 // and each result is unscaled at the end. m and n are the degrees of the highest nonzero
 // coefficients (identity init: m = 1, n = 0), so the scaled terms keep the size of the largest
-// term instead of underflowing. Wherever the plain formulas' terms are all finite the results
-// are bit-for-bit theirs (checked per point beyond plain_max); elsewhere they are accurate to
-// float rounding of the terms they are made of.
+// term instead of underflowing. Wherever the plain formulas' terms are finite (checked per
+// point beyond plain_max; for the coefficient gradients, wherever |z|^L < 2^100 and Q < 2^40
+// in float) the results are bit-for-bit theirs; elsewhere they are accurate to float rounding
+// of the terms they are made of.
 #pragma once
 
 #include <math.h>
@@ -202,14 +203,22 @@ PEDRO_HD void rational_horner(RationalTerms<acc_t>& t, acc_t w, acc_t u,
   t.q = up + abs_of(t.a);
 }
 
-// Whether every product the plain formulas form from these terms is finite: A' P and Q^2
-// (dR/dz), and the powers z^j, z^k of the coefficient gradients.
+// Whether every product the plain value and dR/dz form from these terms is finite (A' P, Q^2).
+template <typename acc_t>
+PEDRO_HD bool plain_terms_fit(const RationalTerms<acc_t>& t) {
+  return is_finite(t.p) && is_finite(t.dp) && is_finite(t.da * t.p) && is_finite(t.q * t.q);
+}
+
+// Whether the plain coefficient gradients fit as well: the powers z^j, z^k they multiply by
+// stay below 2^100 (float) and 1 / Q^2 above 2^-80, leaving float's range to the upstream
+// gradient.
 template <typename acc_t, typename coef_t>
-PEDRO_HD bool plain_terms_fit(const RationalTerms<acc_t>& t, acc_t z,
+PEDRO_HD bool plain_grads_fit(const RationalTerms<acc_t>& t, acc_t z,
                               const RationalCoefs<acc_t, coef_t>& c) {
+  const bool f32 = sizeof(acc_t) == 4;
   const int grad_power = c.num_len - 1 > c.den_len ? c.num_len - 1 : c.den_len;
-  return is_finite(t.p) && is_finite(t.dp) && is_finite(t.da * t.p) && is_finite(t.q * t.q) &&
-         scale_exponent(z) * grad_power <= (sizeof(acc_t) == 4 ? 120 : 1000);
+  return scale_exponent(z) * grad_power <= (f32 ? 100 : 1000) &&
+         exponent_of(t.q) <= (f32 ? 40 : 400);
 }
 
 // The scaled terms in place of plain ones that do not fit. Out of line on the host, taking and
@@ -244,7 +253,7 @@ PEDRO_HD RationalTerms<acc_t> rational_terms(acc_t z, const RationalCoefs<acc_t,
   t.fq = t.fp = t.fdp = t.fda = 0;
   t.w = z;
   rational_horner<false>(t, z, acc_t(1), c);
-  if (abs_of(z) > c.plain_max && !plain_terms_fit(t, z, c)) t = rational_rescaled(t, z, c);
+  if (abs_of(z) > c.plain_max && !plain_terms_fit(t)) t = rational_rescaled(t, z, c);
   return t;
 }
 
@@ -277,37 +286,39 @@ PEDRO_HD acc_t rational_dz(const RationalTerms<acc_t>& t) {
 
 // Adds g * dR/dc_j = g z^j / Q = g w^j / q s^(j-n) to grad_num[j] and
 // g * dR/dd_k = -g sign(A) z^k P / Q^2 = -g sign(a) w^k p / q^2 s^(m+k-2n) to grad_den[k-1]
-// (scaled: from the mantissas, with their exponents),
-// for one point z (its terms t) with upstream gradient g; num_len and den_len are the full
-// lengths (the coefficients above the degrees m and n have gradients too).
-template <typename acc_t>
-PEDRO_HD void rational_coef_grads_accumulate(acc_t g, const RationalTerms<acc_t>& t,
-                                             acc_t* grad_num, int num_len, acc_t* grad_den,
-                                             int den_len) {
+// for every coefficient (the full lengths of c), for the point z with terms t and upstream
+// gradient g. Plain terms are rescaled here when the gradients' own products would not fit.
+template <typename acc_t, typename coef_t>
+PEDRO_HD void rational_coef_grads_accumulate(acc_t g, const RationalTerms<acc_t>& plain_or_scaled,
+                                             acc_t z, const RationalCoefs<acc_t, coef_t>& c,
+                                             acc_t* grad_num, acc_t* grad_den) {
+  RationalTerms<acc_t> t = plain_or_scaled;
+  if (t.e == 0 && abs_of(z) > c.plain_max && !plain_grads_fit(t, z, c))
+    t = rational_rescaled(t, z, c);
   const acc_t inv_q = acc_t(1) / t.q;
   acc_t wp = acc_t(1);
   if (t.e == 0) {
-    const acc_t c = -g * sign_of(t.a) * t.p * inv_q * inv_q;
-    for (int j = 0; j < num_len; ++j) {
+    const acc_t cd = -g * sign_of(t.a) * t.p * inv_q * inv_q;
+    for (int j = 0; j < c.num_len; ++j) {
       grad_num[j] += g * wp * inv_q;
       wp *= t.w;
     }
     wp = t.w;
-    for (int k = 0; k < den_len; ++k) {
-      grad_den[k] += c * wp;
+    for (int k = 0; k < c.den_len; ++k) {
+      grad_den[k] += cd * wp;
       wp *= t.w;
     }
     return;
   }
-  // scaled (mantissas and exponents): g applied last, so any g the result allows
-  const acc_t c = -sign_of(t.a) * (t.p / t.q) / t.q;
-  for (int j = 0; j < num_len; ++j) {
-    grad_num[j] += g * scale_pow2(wp * inv_q, t.e * (j - t.n) - t.fq);
+  // scaled, from the mantissas: g multiplies before the unscaling (any g, 0 included)
+  const acc_t cd = -sign_of(t.a) * (t.p / t.q) / t.q;
+  for (int j = 0; j < c.num_len; ++j) {
+    grad_num[j] += scale_pow2(g * (wp * inv_q), t.e * (j - t.n) - t.fq);
     wp *= t.w;
   }
   wp = t.w;
-  for (int k = 0; k < den_len; ++k) {
-    grad_den[k] += g * scale_pow2(c * wp, t.e * (t.m + k + 1 - 2 * t.n) + t.fp - 2 * t.fq);
+  for (int k = 0; k < c.den_len; ++k) {
+    grad_den[k] += scale_pow2(g * (cd * wp), t.e * (t.m + k + 1 - 2 * t.n) + t.fp - 2 * t.fq);
     wp *= t.w;
   }
 }

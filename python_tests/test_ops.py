@@ -134,33 +134,30 @@ def test_rational_far_outside_the_fit_is_finite_and_accurate(impl, coefs):
     num, den = _coefficients(coefs, torch.Generator().manual_seed(5))
     checked = 0
     for v in (0.75, 3.0, 4.0, 1e3, 2 ** 11, 3e3, 1e5, 3e5, 1e7, 1e8, 2 ** 40, 1e12, 1e20, 1e30):
-        for x in (v, -v):
+        for x, g in ((v, 1.0), (-v, 1.0), (v, 2.0 ** 12), (-v, 2.0 ** -30), (v, 0.0)):
             x64 = torch.tensor([x], dtype=torch.float64)
             exp, exp_grads = kernel_grads(_rational_plain_f64, [x64, num, den],
-                                          torch.ones(1, dtype=torch.float64))
-            out, grads = kernel_grads(fn, [x64.float(), num.float(), den.float()], torch.ones(1))
+                                          torch.full((1,), g, dtype=torch.float64))
+            out, grads = kernel_grads(fn, [x64.float(), num.float(), den.float()],
+                                      torch.full((1,), g))
             scales = _rational_error_scales_f64(x64, num, den)
+            scales = scales[:1] + [sc * abs(g) for sc in scales[1:]]
             for name, a, e, scale in zip(["value", "grad x", "grad rat_num", "grad rat_den"],
                                          [out, *grads], [exp, *exp_grads], scales):
                 a, fits = a.double(), e.abs() < 1e37  # else beyond float32 (e.g. dR/dc5 = x^5)
-                assert torch.isfinite(a[fits]).all(), f"{impl} {name} at x={x}: {a}"
-                assert (a[~fits].abs() >= 1e37).all(), f"{impl} {name} at x={x}: {a}"
+                where = f"{impl} {name} at x={x}, upstream gradient {g}"
+                assert torch.isfinite(a[fits]).all(), f"{where}: {a}"
+                assert (a[~fits].abs() >= 1e37).all(), f"{where}: {a}"
                 # (1e-37: below float32's smallest normal number, 1.2e-38, precision runs out)
                 ok = (a - e).abs()[fits] <= 1e-5 * scale[fits] + 1e-37
-                assert ok.all(), f"{impl} {name} at x={x}: {a} != {e}"
-            checked += abs(x) >= 1e7 and bool(exp.abs() < 1e37)
+                assert ok.all(), f"{where}: {a} != {e}"
+            checked += abs(x) >= 1e7 and g == 1.0 and bool(exp.abs() < 1e37)
     assert checked >= (0 if coefs == "huge" else 6)  # (huge: R itself overflows past |x| ~ 4)
 
 
-def test_rational_kernel_is_the_plain_formula_bit_for_bit_where_that_fits():
-    """Wherever the terms of the textbook Horner evaluation are finite (checked per point
-    beyond 2^11 for these coefficients) the kernel's value and gradient are its, to the bit."""
-    g = torch.Generator().manual_seed(6)
-    x = torch.randn(4001, generator=g) * torch.logspace(-3, 3.5, 4001)
-    num, den = torch.randn(6, generator=g) * 0.5, torch.randn(4, generator=g) * 0.5
-    leaf = x.clone().requires_grad_()
-    out = pedro_ext.rational(leaf, num, den)
-    out.backward(torch.ones_like(out))
+def _rational_plain_f32(x, num, den, g):
+    """The plain Horner formulas in float32 arithmetic, one point x per entry: value, dR/dx and
+    the coefficient gradients g z^j / Q and -g sign(A) z^k P / Q^2 (as the kernels form them)."""
     p, dp = torch.zeros_like(x), torch.zeros_like(x)
     for c in reversed(num):
         dp = dp * x + p
@@ -171,9 +168,49 @@ def test_rational_kernel_is_the_plain_formula_bit_for_bit_where_that_fits():
         s = s * x + d
     a, da = x * s, s + x * ds
     q = 1 + a.abs()
+    inv_q = 1 / q
+    cd = -g * torch.sign(a) * p * inv_q * inv_q
+    zp, grad_num = torch.ones_like(x), []
+    for _ in num:
+        grad_num.append(g * zp * inv_q)
+        zp = zp * x
+    zp, grad_den = x.clone(), []
+    for _ in den:
+        grad_den.append(cd * zp)
+        zp = zp * x
+    return p / q, dp / q - torch.sign(a) * da * p / (q * q), grad_num, grad_den
+
+
+def test_rational_coefficient_gradients_are_the_plain_formulas_bit_for_bit_where_they_fit():
+    """R = 1 / (1 + |x|) as (5, 4) coefficients with zero tops: beyond the bound where no
+    check is needed (2^18 here) and below |x|^5 = 2^100, where the coefficient gradients' own
+    products still fit, all four outputs are the plain float32 formulas', to the bit."""
+    num = torch.tensor([1.0, 0, 0, 0, 0, 0])
+    den = torch.tensor([1.0, 0, 0, 0])
+    x = torch.linspace(2 ** 18.2, 2 ** 19.9, 41) * torch.tensor([1.0, -1.0]).repeat(21)[:41]
+    for xi in x:
+        point = xi.view(1)
+        out, grads = kernel_grads(pedro_ext.rational, [point, num, den], torch.ones(1))
+        value, dx, grad_num, grad_den = _rational_plain_f32(point, num, den, 1.0)
+        assert_bitwise(out, value, f"value at {xi}")
+        assert_bitwise(grads[0], dx, f"grad x at {xi}")
+        assert_bitwise(grads[1], torch.cat(grad_num), f"grad rat_num at {xi}")
+        assert_bitwise(grads[2], torch.cat(grad_den), f"grad rat_den at {xi}")
+
+
+def test_rational_kernel_is_the_plain_formula_bit_for_bit_where_that_fits():
+    """Wherever the terms of the textbook Horner evaluation are finite (checked per point
+    beyond 2^11 for these coefficients) the kernel's value and gradients are its, to the bit."""
+    g = torch.Generator().manual_seed(6)
+    x = torch.randn(4001, generator=g) * torch.logspace(-3, 3.5, 4001)
+    num, den = torch.randn(6, generator=g) * 0.5, torch.randn(4, generator=g) * 0.5
+    leaf = x.clone().requires_grad_()
+    out = pedro_ext.rational(leaf, num, den)
+    out.backward(torch.ones_like(out))
+    value, dx, _, _ = _rational_plain_f32(x, num, den, 1.0)
     assert torch.isfinite(leaf.grad).all()
-    assert_bitwise(out.detach(), p / q, "value")
-    assert_bitwise(leaf.grad, dp / q - torch.sign(a) * da * p / (q * q), "grad x")
+    assert_bitwise(out.detach(), value, "value")
+    assert_bitwise(leaf.grad, dx, "grad x")
 
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=requires_cuda)])

@@ -89,7 +89,7 @@ std::tuple<Tensor, Tensor, Tensor> rational_backward_cpu(const Tensor& grad_in, 
               const acc_t g = static_cast<acc_t>(gp[i]);
               const auto t = rational_terms(z, local_coefs);
               gxp[i] = static_cast<scalar_t>(g * rational_dz(t));
-              rational_coef_grads_accumulate(g, t, pc, nl, pc + nl, dl);
+              rational_coef_grads_accumulate(g, t, z, local_coefs, pc, pc + nl);
             }
           }
         });
@@ -218,8 +218,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> generate_back
           h[b * s.r + k] = rational_of(t);
           gz[b * s.r + k] = gh * rational_dz(t);
           acc_t* gcb = gc.data() + b * nc;
-          rational_coef_grads_accumulate(gh, t, gcb, (int)s.num_len, gcb + s.num_len,
-                                         (int)s.den_len);
+          rational_coef_grads_accumulate(gh, t, z[k], coefs, gcb, gcb + s.num_len);
         }
         const scalar_t* wd = wdp + a * s.d * s.r;
         const acc_t* gzb = gz.data() + b * s.r;

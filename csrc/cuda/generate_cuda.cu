@@ -66,7 +66,7 @@ __global__ void rational_backward_kernel(const T* grad, const T* x, T* grad_x, i
     const acc_t g = to_acc(grad[i]);
     const auto t = rational_terms(z, coefs);
     grad_x[i] = static_cast<T>(g * rational_dz(t));
-    rational_coef_grads_accumulate(g, t, gc, nl, gc + nl, dl);
+    rational_coef_grads_accumulate(g, t, z, coefs, gc, gc + nl);
   }
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
   for (int c = 0; c < nl + dl; ++c) {
@@ -151,9 +151,11 @@ __global__ void expand_kernel(const at::opmath_type<T>* z, const I* ids, const T
   if (a >= 0 && valid) {
     const T* cn = num + a * bv.nl;
     const T* cd = den + a * bv.dl;
-    const auto coefs = rational_coefs<acc_t>(cn, (int)bv.nl, cd, (int)bv.dl);
-    for (int64_t k = threadIdx.x; k < bv.r; k += blockDim.x)
-      h[k] = rational_value(z[b * bv.r + k], coefs);
+    if (threadIdx.x < bv.r) {  // (only the threads that evaluate the unit prepare it)
+      const auto coefs = rational_coefs<acc_t>(cn, (int)bv.nl, cd, (int)bv.dl);
+      for (int64_t k = threadIdx.x; k < bv.r; k += blockDim.x)
+        h[k] = rational_value(z[b * bv.r + k], coefs);
+    }
   }
   __syncthreads();
   if (col < bv.D) {
@@ -228,14 +230,16 @@ __global__ void backward_request_kernel(const at::opmath_type<T>* z, const I* id
   const T* cd = den + a * bv.dl;
   acc_t gc[2 * kMaxCoefCuda];
   for (int c = 0; c < nc; ++c) gc[c] = acc_t(0);
-  const auto coefs = rational_coefs<acc_t>(cn, nl, cd, dl);
-  for (int64_t k = threadIdx.x; k < bv.r; k += blockDim.x) {
-    const acc_t zk = z[b * bv.r + k];
-    const auto t = rational_terms(zk, coefs);
-    h_out[b * bv.r + k] = rational_of(t);
-    gz[k] = gh[k] * rational_dz(t);
-    gz_out[b * bv.r + k] = gz[k];
-    rational_coef_grads_accumulate(gh[k], t, gc, nl, gc + nl, dl);
+  if (threadIdx.x < bv.r) {  // (only the threads that evaluate the unit prepare it)
+    const auto coefs = rational_coefs<acc_t>(cn, nl, cd, dl);
+    for (int64_t k = threadIdx.x; k < bv.r; k += blockDim.x) {
+      const acc_t zk = z[b * bv.r + k];
+      const auto t = rational_terms(zk, coefs);
+      h_out[b * bv.r + k] = rational_of(t);
+      gz[k] = gh[k] * rational_dz(t);
+      gz_out[b * bv.r + k] = gz[k];
+      rational_coef_grads_accumulate(gh[k], t, zk, coefs, gc, gc + nl);
+    }
   }
   for (int c = 0; c < nc; ++c) {
     const acc_t s = warp_sum(gc[c]);

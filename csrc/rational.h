@@ -159,8 +159,8 @@ PEDRO_HD RationalCoefs<acc_t, coef_t> rational_coefs(const coef_t* num, int num_
 
 // The terms at one point z, scaled by s = 2^e (see above): with u = 1/s,
 //   p = P u^m, dp = P' u^(m-1), a = A u^n, da = A' u^(n-1), q = Q u^n = u^n + |a|,
-// where m and n are the degrees of the highest nonzero coefficients; e = 0 for
-// |z| <= plain_max (and for inf and NaN, which propagate as in the plain formulas).
+// where m and n are the degrees of the highest nonzero coefficients; e = 0 (the plain
+// formulas, u = 1) wherever those fit, and for inf and NaN, which propagate as in them.
 template <typename acc_t>
 struct RationalTerms {
   acc_t p;

@@ -219,7 +219,7 @@ def test_generate_with_huge_pre_activations_stays_finite(device):
     1e6 to 1e12 (pooled states far out of scale) give finite vectors and gradients, each entry
     matching float64."""
     bank = make_bank(2, 8, 4, 16, seed=3)
-    bank["w_down"] = bank["w_down"] * torch.logspace(6, 12, 4)  # one decade range per column
+    bank["w_down"] = bank["w_down"] * torch.logspace(6, 12, 4)  # 1e6 to 1e12 over the r columns
     pooled = torch.randn(3, 8, generator=torch.Generator().manual_seed(4))
     ids = torch.tensor([0, 1, -1])
     grad = torch.randn(3, 16, generator=torch.Generator().manual_seed(5))

@@ -49,9 +49,8 @@ Tensor rational_cpu(const Tensor& x_in, const Tensor& rat_num, const Tensor& rat
     const auto coefs = rational_coefs<acc_t>(num.data(), (int)num.size(), den.data(),
                                              (int)den.size());
     at::parallel_for(0, x.numel(), 2048, [&](int64_t b, int64_t e) {
-      const auto c = coefs;  // a local the stores to yp cannot alias: kept in registers
       for (int64_t i = b; i < e; ++i)
-        yp[i] = static_cast<scalar_t>(rational_value(static_cast<acc_t>(xp[i]), c));
+        yp[i] = static_cast<scalar_t>(rational_value(static_cast<acc_t>(xp[i]), coefs));
     });
   });
   return y;
@@ -81,15 +80,14 @@ std::tuple<Tensor, Tensor, Tensor> rational_backward_cpu(const Tensor& grad_in, 
         const scalar_t* gp = grad.data_ptr<scalar_t>();
         scalar_t* gxp = grad_x.data_ptr<scalar_t>();
         at::parallel_for(0, chunks, 1, [&](int64_t cb, int64_t ce) {
-          const auto local_coefs = coefs;  // kept in registers (see rational_cpu)
           for (int64_t c = cb; c < ce; ++c) {
             acc_t* pc = partial.data() + c * nc;
             for (int64_t i = c * kReduceChunk; i < std::min(n, (c + 1) * kReduceChunk); ++i) {
               const acc_t z = static_cast<acc_t>(xp[i]);
               const acc_t g = static_cast<acc_t>(gp[i]);
-              const auto t = rational_terms(z, local_coefs);
+              const auto t = rational_terms(z, coefs);
               gxp[i] = static_cast<scalar_t>(g * rational_dz(t));
-              rational_coef_grads_accumulate(g, t, z, local_coefs, pc, pc + nl);
+              rational_coef_grads_accumulate(g, t, z, coefs, pc, pc + nl);
             }
           }
         });

@@ -42,9 +42,9 @@ class ScalingAB(ModelBench):
                 return generate(batch, **kw)
         return run
 
-    def _summarise(self, batch, runs, errors, graphs):
+    def _summarise(self, batch, runs, errors, graphs, profiles):
         self.step_rounds[batch] = runs
-        return super()._summarise(batch, runs, errors, graphs)
+        return super()._summarise(batch, runs, errors, graphs, profiles)
 
 
 def paired(runs: dict, rows: list) -> dict:

@@ -17,7 +17,8 @@ def quick_run(tmp_path_factory):
     out_dir = tmp_path_factory.mktemp("bench")
     # one thread: on a loaded machine more threads wait for each other (see runner.py)
     out = subprocess.run([sys.executable, "-m", "pedro_ext.bench", "--quick", "--preset", "tiny",
-                          "--device", "cpu", "--threads", "1", "--out", str(out_dir)],
+                          "--device", "cpu", "--threads", "1", "--profile-ops",
+                          "--out", str(out_dir)],
                          capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     with open(out_dir / "bench.json") as f:
@@ -93,3 +94,38 @@ def test_markdown_of_the_run_quotes_its_figures(quick_run):
     for r in result["rows"]:
         if r["level"] == "model" and r["median_ms"]:
             assert f"{ms(r['median_ms'])}, IQR {ms(r['iqr_ms'])}" in text
+
+
+def test_decode_profile_shows_what_each_step_runs(quick_run):
+    """--profile-ops: per decoding step, PEDRO's fused path runs one act_mul_modulate per layer
+    and one in-place modulate_ per layer for each of Q and V, and one multiplication fewer per
+    layer than base (the MLP's product is fused); its vectors are not recomputed (no generate
+    op: that runs at prefill only, which the profile leaves out); base and the reference ops
+    run no pedro_ext op."""
+    stdout, result, _ = quick_run
+    p, mi = result["preset"], result["summary"]["model"]
+    layers = mi["num_hidden_layers"]
+    head_dim = mi["hidden_size"] // mi["num_attention_heads"]
+    entries = layers * (mi["hidden_size"] + mi["num_key_value_heads"] * head_dim
+                        + mi["intermediate_size"])
+    decode = [r for r in result["rows"] if r["level"] == "model" and r["phase"] == "decode"]
+    assert decode
+    for r in decode:
+        prof = r["decode_ops"]
+        assert prof["steps"] == p["model_new_tokens"] - 1
+        ops = prof["ops"]
+        calls = {k: v["calls"] for k, v in ops.items()}
+        assert all(v["cpu_ms"] >= 0 and v["calls"] > 0 for v in ops.values())
+        base = next(b for b in decode if b["method"] == "base"
+                    and b["batch_size"] == r["batch_size"])["decode_ops"]["ops"]
+        if r["method"] == "pedro":
+            assert calls["pedro_ext::act_mul_modulate"] == layers
+            assert calls["pedro_ext::modulate_"] == 2 * layers
+            assert calls["aten::mul"] == base["aten::mul"]["calls"] - layers
+            assert not any(k.startswith("pedro_ext::generate") for k in ops)
+            assert r["vector_bytes_per_step"] == r["batch_size"] * entries * 4
+        elif r["method"] in ("base", "pedro_reference"):
+            assert not any(k.startswith("pedro_ext::") for k in ops), sorted(ops)
+    for b in p["model_batches"]:
+        assert f"Decoding step by operator, B={b}" in stdout
+    assert "`pedro_ext::act_mul_modulate` |" in markdown(result, "bench.json")

@@ -297,3 +297,19 @@ def test_kernel_bench_keeps_timing_the_others_when_one_method_fails_late():
     assert rows[0]["median_ms"] > 0 and rows[2]["median_ms"] > 0 and rows[2]["adapter_ms"] > 0
     assert rows[1]["median_ms"] is None and "out of memory" in rows[1]["error"]
     assert any("lora_bmm: ERROR RuntimeError: out of memory" in m for m in kb.messages)
+
+
+def test_profile_table_keeps_the_ops_a_method_adds_and_the_largest_gaps():
+    from pedro_ext.bench.op_profile import differing_ops, profile_table
+
+    def prof(**ops):
+        return {"steps": 4, "ops": {k: {"cpu_ms": t, "calls": c} for k, (t, c) in ops.items()}}
+    base = prof(mm=(10.0, 9), mul=(1.0, 5), add=(0.5, 3), cat=(0.2, 1))
+    pedro = prof(mm=(10.1, 9), mul=(0.7, 4), add=(0.5, 3), cat=(0.9, 1), modulate_=(0.001, 6))
+    ops = differing_ops({"base": base, "pedro": pedro}, top=3)
+    # the op PEDRO adds stays though it is the smallest gap; then the largest time gaps
+    assert set(ops) == {"modulate_", "cat", "mul"} and ops[0] == "cat"
+    text = profile_table({"base": base, "pedro": pedro}, {"pedro": "PEDRO"}, top=3)
+    assert "| `modulate_` | - | 0.001 (6) |" in text
+    assert "| `mul` | 1.000 (5) | 0.700 (4) |" in text
+    assert text.splitlines()[-1] == "| all operators | 11.700 | 12.201 |"

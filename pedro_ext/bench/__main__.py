@@ -1,5 +1,6 @@
 """python -m pedro_ext.bench [--quick] [--preset cpu|gpu|tiny] [--device cpu|cuda] [--out DIR]
-[--compile] [--cuda-graph] [--methods ...] [--batches ...] [--rounds N] [--time-limit SECONDS]"""
+[--compile] [--cuda-graph] [--methods ...] [--batches ...] [--rounds N] [--time-limit SECONDS]
+[--profile-ops]"""
 import argparse
 import time
 
@@ -40,6 +41,9 @@ def main(argv=None):
     ap.add_argument("--time-limit", type=float, default=None, metavar="SECONDS",
                     help="start no new batch size / configuration after this many seconds "
                          "(what was measured is kept and the cut is reported)")
+    ap.add_argument("--profile-ops", action="store_true",
+                    help="model level: after the timed rounds, profile one more call per method "
+                         "and batch size by operator (decoding steps only, untimed)")
     args = ap.parse_args(argv)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -65,7 +69,8 @@ def main(argv=None):
     if "base" not in args.methods:
         ap.error("--methods must include base (every ratio is to it)")
     result = run(preset, device, args.out, args.cuda_graph, levels, model_mode=mode,
-                 model_methods=args.methods, time_limit_s=args.time_limit)
+                 model_methods=args.methods, time_limit_s=args.time_limit,
+                 profile_ops=args.profile_ops)
     print(console_report(result))
     print(f"\nwall time: {time.time() - t0:.1f} s (benchmark {result['summary']['wall_s']:.1f} s)")
 

@@ -40,10 +40,11 @@ from torch import nn
 from transformers import StoppingCriteriaList
 
 from ..config import PedroConfig
-from ..layer import reference_ops
+from ..layer import PedroLinear, reference_ops
 from ..model import get_pedro_model
 from .lora import inject_batched_lora
 from .lora_bgmv import unavailable_reason
+from .op_profile import decode_op_profile
 from .presets import Preset
 from .sanity import WeightFloor, refusal
 from .timing import Stats, StepClock, round_order
@@ -140,7 +141,9 @@ Method = Callable[..., torch.Tensor]
 
 class ModelBench:
     def __init__(self, preset: Preset, device: torch.device, mode: str = "eager",
-                 methods=METHODS):
+                 methods=METHODS, profile_ops: bool = False):
+        """profile_ops: after each batch size's timed rounds, one more call per method under
+        torch.profiler (op_profile.py); its per-operator figures go into the decode row."""
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         if "cuda_graph" in mode and device.type != "cuda":
@@ -148,7 +151,7 @@ class ModelBench:
         unknown = set(methods) - set(METHODS)
         if unknown:
             raise ValueError(f"unknown model-level methods {sorted(unknown)}; choose from {METHODS}")
-        self.p, self.device, self.mode = preset, device, mode
+        self.p, self.device, self.mode, self.profile_ops = preset, device, mode, profile_ops
         self.dtype = getattr(torch, preset.dtype)
         t0 = time.perf_counter()
         self.model, self.tokenizer = build_model(preset, device, self.dtype)
@@ -157,6 +160,9 @@ class ModelBench:
         self.weight_bytes = weight_bytes_per_step(self.model)
         probe = get_pedro_model(shared_copy(self.model), PedroConfig(r=preset.pedro_r))
         self.pedro_params = probe.adapter_num_parameters()
+        # one vector entry per output feature of every wrapped projection, per request
+        self.pedro_vector_entries = sum(m.out_features for m in probe.modules()
+                                        if isinstance(m, PedroLinear))
         del probe
         self.lora_rank = lora_rank_for(self.pedro_params, self.config)
         self.lora_params = self.lora_rank * _lora_params_per_rank(self.config)
@@ -295,13 +301,14 @@ class ModelBench:
         for method, reason in errors.items():
             self.messages.append(f"model level: {method}: {reason}")
         out = []
-        for batch, runs, graphs, batch_errors in measured:
-            out += self._summarise(batch, runs, batch_errors, graphs)
+        for batch, runs, graphs, profiles, batch_errors in measured:
+            out += self._summarise(batch, runs, batch_errors, graphs, profiles)
         return out
 
     def _batch_runs(self, batch, setups, errors, progress):
-        """(runs, graphs) of one batch size: per method the [ttft, steps...] of every timed
-        round, and what torch.compile did; failures go into errors."""
+        """(runs, graphs, profiles) of one batch size: per method the [ttft, steps...] of every
+        timed round, what torch.compile did, and the operator profiles (profile_ops); failures
+        go into errors."""
         ids, mask = self._prompts(batch)
         new = self.p.model_new_tokens
         methods = [m for m in self.methods if m in setups]
@@ -331,9 +338,27 @@ class ModelBench:
                     runs[method].append(intervals)
                     if _dynamo_graphs() != before:
                         graphs.setdefault("recompiled", set()).add(method)
-        return runs, graphs
+        profiles = self._profiles(batch, setups, methods, errors, ids, mask, new) \
+            if self.profile_ops else {}
+        return runs, graphs, profiles
 
-    def _summarise(self, batch, runs, errors, graphs) -> List[dict]:
+    def _profiles(self, batch, setups, methods, errors, ids, mask, new) -> Dict[str, dict]:
+        out = {}
+        for method in methods:
+            if method in errors:
+                continue
+            try:
+                with torch.no_grad():
+                    out[method] = decode_op_profile(
+                        lambda **kw: setups[method](batch, **kw), new, self.device,
+                        input_ids=ids, attention_mask=mask, do_sample=False, pad_token_id=0,
+                        **self.gen_kwargs)
+            except Exception as e:  # the timed figures stand; the profile is missing, said so
+                self.messages.append(f"model level B={batch} {method}: op profile failed: "
+                                     f"{type(e).__name__}: {str(e)[:300]}")
+        return out
+
+    def _summarise(self, batch, runs, errors, graphs, profiles) -> List[dict]:
         floor = self.floor.ms
         plen = self.p.model_prompt_len
         out = []
@@ -374,6 +399,11 @@ class ModelBench:
             decode = dict(row, **_fields(tpot), tpot_ms=tpot.to_dict(), ttft_ms=ttft.to_dict(),
                           prefill_ms=ttft.median, steps=tpot.n,
                           tokens_per_s=batch * 1e3 / tpot.median, round_medians_ms=round_tpot)
+            if method.startswith("pedro"):  # read once per step, one row per request
+                decode["vector_bytes_per_step"] = (batch * self.pedro_vector_entries
+                                                   * self.dtype.itemsize)
+            if method in profiles:
+                decode["decode_ops"] = profiles[method]
             prefill = dict(row, phase="prefill", **_fields(ttft), ttft_ms=ttft.to_dict(),
                            prefill_ms=ttft.median, tokens_per_s=batch * plen * 1e3 / ttft.median,
                            round_medians_ms=ttfts)

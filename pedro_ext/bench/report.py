@@ -14,6 +14,7 @@ import json
 import os
 from typing import List, Optional
 
+from .op_profile import profile_table
 from .sanity import rounds_disagree
 
 METHOD_ORDER = ("base", "pedro", "pedro_reference", "lora_single", "lora_bmm", "lora_bgmv",
@@ -184,6 +185,8 @@ def console_report(result: dict) -> str:
     mb = s.get("modulate_bandwidth")
     if mb:
         out.append("\n" + _modulate_line(mb))
+    for title, text in _op_profiles(rows):
+        out += [f"\n## {title}\n", text]
     if notes.notes:
         out += ["\n## flagged or refused figures\n", notes.text()]
     if s.get("messages"):
@@ -238,7 +241,9 @@ def markdown(result: dict, source: str = "bench.json") -> str:
                     cells.append(_cell(r, notes) if r else "-")
                 out.append(f"| {b} | " + " | ".join(cells) + " |")
             out.append("")
-        out += _targets(md)
+        out += _targets(md) + _vector_reads(md, s.get("copy_gbs"))
+        for title, text in _op_profiles(rows):
+            out += [title + ":", "", text, ""]
     kd = [r for r in rows if r["level"] == "kernel" and r["phase"] == "decode"
           and r["distinct_adapters"] == r["batch_size"]]
     if kd:
@@ -322,6 +327,40 @@ def _targets(md: List[dict]) -> List[str]:
         if readings:
             out += [f"- {LABELS[lora]} time per token / PEDRO's: " + "; ".join(readings) + "."]
     return out + [""] if out else []
+
+
+def _vector_reads(md: List[dict], copy_gbs: Optional[float]) -> List[str]:
+    """What PEDRO's vectors cost a decoding step at least: their bytes at copy bandwidth."""
+    rows = sorted((r for r in md if r["method"] == "pedro" and r["phase"] == "decode"
+                   and r.get("vector_bytes_per_step")), key=lambda r: r["batch_size"])
+    if not rows:
+        return []
+    readings = []
+    for r in rows:
+        mib = r["vector_bytes_per_step"] / 2 ** 20
+        t = f"B={r['batch_size']}: {mib:.2f} MiB"
+        if copy_gbs and r.get("median_ms"):
+            read_ms = r["vector_bytes_per_step"] / (copy_gbs * 1e9) * 1e3
+            t += f", {read_ms:.3f} ms at copy bandwidth ({100 * read_ms / r['median_ms']:.2f}% of the step)"
+        readings.append(t)
+    return ["- PEDRO reads every request's vectors once per decoding step (from memory, once "
+            "the step's weights have pushed them out of the caches): " + "; ".join(readings)
+            + ".", ""]
+
+
+def _op_profiles(rows: List[dict]) -> List[tuple]:
+    """(title, table) per batch size whose decode rows carry operator profiles."""
+    out = []
+    for b in sorted({r["batch_size"] for r in rows if r.get("decode_ops")}):
+        profiles = {r["method"]: r["decode_ops"] for r in _sorted(rows)
+                    if r["batch_size"] == b and r.get("decode_ops")}
+        if "base" not in profiles:
+            continue
+        steps = profiles["base"]["steps"]
+        out.append((f"Decoding step by operator, B={b} (one untimed call per method under "
+                    f"torch.profiler, {steps} steps; the operators that differ most from base)",
+                    profile_table(profiles, LABELS)))
+    return out
 
 
 def update_readme(readme: str, section: str, name: str = "") -> None:

@@ -66,11 +66,12 @@ def cpu_name() -> str:
 def run(preset: Preset, device: torch.device, out_dir: Optional[str] = None,
         cuda_graph: bool = False, levels=("kernel", "model"), progress: bool = True,
         model_mode: str = "eager", model_methods: Sequence[str] = MODEL_METHODS,
-        time_limit_s: Optional[float] = None) -> dict:
+        time_limit_s: Optional[float] = None, profile_ops: bool = False) -> dict:
     """Every row of the result carries its spread and its flags; refused figures are None with
     the reason in the row and in summary["messages"]. bench.json is written after each level,
     so a run cut short keeps what it measured. time_limit_s: no new batch size (model level) or
-    configuration (kernel level) starts once that many seconds have passed."""
+    configuration (kernel level) starts once that many seconds have passed. profile_ops: the model
+    level also profiles each method's decoding steps by operator (op_profile.py)."""
     t0 = time.time()
     deadline = t0 + time_limit_s if time_limit_s else None
     machine = machine_info(device)
@@ -86,7 +87,7 @@ def run(preset: Preset, device: torch.device, out_dir: Optional[str] = None,
     mb = None
     if "model" in levels:
         try:
-            mb = ModelBench(preset, device, model_mode, model_methods)
+            mb = ModelBench(preset, device, model_mode, model_methods, profile_ops)
         except Exception as e:  # the kernel level still runs; the reason is in the result
             traceback.print_exc()
             summary["messages"].append(f"model level not run: {type(e).__name__}: {e}")

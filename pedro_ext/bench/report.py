@@ -330,7 +330,8 @@ def _targets(md: List[dict]) -> List[str]:
 
 
 def _vector_reads(md: List[dict], copy_gbs: Optional[float]) -> List[str]:
-    """What PEDRO's vectors cost a decoding step at least: their bytes at copy bandwidth."""
+    """What PEDRO's vectors cost a decoding step at least: their bytes at copy bandwidth (a
+    bound: read in short rows interleaved with other work, they come slower)."""
     rows = sorted((r for r in md if r["method"] == "pedro" and r["phase"] == "decode"
                    and r.get("vector_bytes_per_step")), key=lambda r: r["batch_size"])
     if not rows:
@@ -341,7 +342,8 @@ def _vector_reads(md: List[dict], copy_gbs: Optional[float]) -> List[str]:
         t = f"B={r['batch_size']}: {mib:.2f} MiB"
         if copy_gbs and r.get("median_ms"):
             read_ms = r["vector_bytes_per_step"] / (copy_gbs * 1e9) * 1e3
-            t += f", {read_ms:.3f} ms at copy bandwidth ({100 * read_ms / r['median_ms']:.2f}% of the step)"
+            t += (f", at least {read_ms:.3f} ms at the measured copy bandwidth "
+                  f"({100 * read_ms / r['median_ms']:.2f}% of the step)")
         readings.append(t)
     return ["- PEDRO reads every request's vectors once per decoding step (from memory, once "
             "the step's weights have pushed them out of the caches): " + "; ".join(readings)
@@ -358,7 +360,9 @@ def _op_profiles(rows: List[dict]) -> List[tuple]:
             continue
         steps = profiles["base"]["steps"]
         out.append((f"Decoding step by operator, B={b} (one untimed call per method under "
-                    f"torch.profiler, {steps} steps; the operators that differ most from base)",
+                    f"torch.profiler, {steps} steps; the operators that differ most from "
+                    "base; self times include the profiler's own cost per call, which weighs on "
+                    "small operators, and one call's figures vary as much as a round's)",
                     profile_table(profiles, LABELS)))
     return out
 

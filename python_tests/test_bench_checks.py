@@ -313,3 +313,19 @@ def test_profile_table_keeps_the_ops_a_method_adds_and_the_largest_gaps():
     assert "| `modulate_` | - | 0.001 (6) |" in text
     assert "| `mul` | 1.000 (5) | 0.700 (4) |" in text
     assert text.splitlines()[-1] == "| all operators | 11.700 | 12.201 |"
+
+
+def test_profile_table_device_total_counts_each_kernel_once():
+    from pedro_ext.bench.op_profile import profile_table
+    # an op's device_ms is the time of the kernels it launched; the total is every kernel once
+    # (device_total_ms), not the ops' sum, which would miss kernels no op launched itself
+    base = {"steps": 2, "device_total_ms": 5.0,
+            "ops": {"mm": {"cpu_ms": 1.0, "calls": 3, "device_ms": 4.0},
+                    "cudaGraphLaunch": {"cpu_ms": 0.1, "calls": 1, "device_ms": 0.0}}}
+    pedro = {"steps": 2, "device_total_ms": 5.5,
+             "ops": {"mm": {"cpu_ms": 1.0, "calls": 3, "device_ms": 4.0},
+                     "modulate_": {"cpu_ms": 0.2, "calls": 2, "device_ms": 0.5}}}
+    text = profile_table({"base": base, "pedro": pedro}, {}, top=5)
+    assert "| `modulate_` | - | 0.200 / 0.500 (2) |" in text
+    assert text.splitlines()[-1] == \
+        "| all operators (device: every kernel once) | 1.100 / 5.000 | 1.200 / 5.500 |"

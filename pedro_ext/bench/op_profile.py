@@ -87,12 +87,15 @@ def _time(op: Optional[dict], key: str) -> float:
     return op.get(key, 0.0) if op else 0.0
 
 
+def _on_device(profiles: Dict[str, dict]) -> bool:
+    return any("device_total_ms" in p for p in profiles.values())
+
+
 def differing_ops(profiles: Dict[str, dict], base: str = "base", top: int = 12) -> List[str]:
     """Up to `top` operators, largest gap first: every operator that some method calls and
     base does not (what the method adds), then those whose self time per step differs most
     from base's (device time where recorded, else CPU time)."""
-    key = "device_ms" if any("device_ms" in op for p in profiles.values()
-                             for op in p["ops"].values()) else "cpu_ms"
+    key = "device_ms" if _on_device(profiles) else "cpu_ms"
     ref = profiles[base]["ops"]
     names = set().union(*(p["ops"] for p in profiles.values()))
 
@@ -105,11 +108,11 @@ def differing_ops(profiles: Dict[str, dict], base: str = "base", top: int = 12) 
 
 
 def profile_table(profiles: Dict[str, dict], labels: Dict[str, str], base: str = "base",
-                  top: int = 10) -> str:
+                  top: int = 12) -> str:
     """Markdown table: the operators that differ most from base, each method's self time per
     decoding step and calls per step; the last row sums every operator's self time."""
     methods = [base] + [m for m in profiles if m != base]
-    device = any("device_ms" in op for p in profiles.values() for op in p["ops"].values())
+    device = _on_device(profiles)
     what = "self CPU ms / device ms per step (calls per step)" if device else \
         "self CPU ms per step (calls per step)"
     out = [f"| operator: {what} | " + " | ".join(labels.get(m, m) for m in methods) + " |",

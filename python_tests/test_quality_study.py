@@ -61,7 +61,7 @@ def test_phases_resume_extend_and_pair(tmp_path):
     assert len(first) == 1 + 3 + 2 * 2
     pedro_lrs = sorted(r["config"]["lr"] for r in first if r["method"] == "pedro")
     assert pedro_lrs in ([3e-4, 1e-3, 1e-2], [1e-3, 1e-2, 3e-2])
-    static_best = study.best_config("toy", "pedro-static", study.store.load())["lr"]
+    static_best = study.best_config("toy", "pedro-static", study.runs())["lr"]
     assert {r["config"]["static_lr"] for r in first if r["method"] == "pedro"} == {static_best}
     for r in first:  # the generator diagnostic comes with every PEDRO run
         assert ("vector_spread_best" in r) == (r["method"] == "pedro"), r["run_id"]
@@ -70,14 +70,14 @@ def test_phases_resume_extend_and_pair(tmp_path):
 
     study.run_phase("final", ["toy"], list(SWEEPS), seeds=2, variant_seeds=2)
     study.run_phase("variants", ["toy"], list(SWEEPS), seeds=2, variant_seeds=2)
-    runs = study.store.load()
+    runs = study.runs()
     assert len(runs) == len(first) + 3 + 2
     best = study.best_config("toy", "pedro", runs)
     sweep_runs = [r for r in runs.values() if r["method"] == "pedro" and r["seed"] == 0
                   and r.get("variant") is None]
     assert best == min(sweep_runs, key=lambda r: r["best_dev_loss"])["config"]
 
-    rep = report.write(study, runs, {"cpu": "test"}, str(tmp_path))
+    rep = report.write(study, study.store.load(), {"cpu": "test"}, str(tmp_path))
     t = rep["tasks"]["toy"]
     p = t["paired_vs_pedro"]["lora-qv"]["test_loss"]
     lora = study.best_config("toy", "lora-qv", runs)
@@ -101,7 +101,7 @@ def test_task_tuned_on_another_runs_that_tasks_best_configs(tmp_path):
                   lambda: (tiny_model(), CharTokenizer()), "tiny llama", splits_loader=toy_splits,
                   max_extend=0, log=lambda s: None)
     study.run_phases(["sweep", "final"], ["toy", "toy-long"], list(SWEEPS), seeds=2, variant_seeds=0)
-    runs = study.store.load()
+    runs = study.runs()
     long_runs = [r for r in runs.values() if r["task"] == "toy-long"]
     assert sorted(r["method"] for r in long_runs if r["seed"] == 0) == sorted(["base", *SWEEPS])
     for m in SWEEPS:  # no sweep of its own: the short task's best configuration, at every seed
@@ -110,7 +110,7 @@ def test_task_tuned_on_another_runs_that_tasks_best_configs(tmp_path):
         assert sorted(r["seed"] for r in long_runs if r["method"] == m) == [0, 1]
         assert all(r["config"] == best and r["steps"] == 3 for r in long_runs if r["method"] == m)
 
-    rep = report.write(study, runs, {"cpu": "test"}, str(tmp_path))
+    rep = report.write(study, study.store.load(), {"cpu": "test"}, str(tmp_path))
     t = rep["tasks"]["toy-long"]
     assert t["sweep"] == {} and set(t["final"]) == set(SWEEPS)
     assert t["paired_vs_pedro"]["lora-qv"]["test_loss"]["n"] == 2

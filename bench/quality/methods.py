@@ -21,6 +21,18 @@ STUDY_TRAIN_FIELDS = {"steps", "batch_size", "eval_every", "max_length", "seed",
                       "progress"}
 
 
+def recipe_revision(method: str, config: Dict) -> int:
+    """The revision of the training code a run of `method` with `config` depends on; runs of an
+    earlier revision are kept in runs.jsonl but no longer count as done.
+      1: the study as first run.
+      2: (commit 9da1927) PEDRO's bi-level held-out steps follow the learning-rate schedule of
+         the optimizer step they come after; before, they stepped a schedule of their own, so
+         the rational coefficients' lr warmed up over bilevel_every times the steps and never
+         decayed. Only PEDRO with rational_mode "bilevel" runs that code."""
+    mode = config.get("rational_mode", TrainConfig.rational_mode)
+    return 2 if method == "pedro" and mode == "bilevel" else 1
+
+
 def adapter_fields(method: str) -> set:
     if method.startswith("pedro"):
         return PEDRO_FIELDS

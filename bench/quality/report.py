@@ -6,12 +6,17 @@ over the seeds both have (same seed = same data order and the same test items), 
 mean and standard error sd(d) / sqrt(n). Signs are PEDRO minus baseline for accuracy (higher is
 better) and baseline minus PEDRO for response loss (lower is better): positive always means
 PEDRO is ahead.
+
+Each task is reported from the current revision of every method's training code
+(methods.recipe_revision). Where PEDRO has no final runs at the current revision yet, its runs of
+the latest earlier revision that has some are reported instead, and the task says which.
 """
 import json
 import os
 import statistics
 from typing import Dict, List, Optional
 
+from .methods import recipe_revision
 from .store import run_id
 
 METRICS = (("test_accuracy", +1), ("test_loss", -1))  # (key, sign that makes "ahead" positive)
@@ -33,12 +38,41 @@ def paired(a: Dict[int, dict], b: Dict[int, dict], key: str, sign: int) -> Optio
             "ahead_by_2se": (se is not None and statistics.mean(d) > 2 * se)}
 
 
-def build_report(study, runs: Dict[str, dict], machine: dict) -> dict:
-    tasks = [t for t in study.tasks if any(r["task"] == t for r in runs.values())]
+def _has_pedro_final(study, task: str, runs: Dict[str, dict]) -> bool:
+    best = study.best_config(task, "pedro", runs)
+    return best is not None and any(r["task"] == task and r["method"] == "pedro" and r["config"] == best
+                                    for r in runs.values())
+
+
+def task_view(study, records: Dict[str, dict], task: str):
+    """(the runs to report `task` from, the revision of PEDRO's code its runs hold, the revision
+    of the sweep that chose their configuration): the current revision, else PEDRO's latest
+    earlier one with final runs. A task tuned on another may take its configuration from that
+    task's sweep at an earlier revision than its own runs."""
+    current = recipe_revision("pedro", {})
+    source = study.tasks[task].tuned_on
+    if "pedro" in study.sweeps:
+        for revision in range(current, 0, -1):
+            for tuned in (range(current, 0, -1) if source else (revision,)):
+                runs = {k: r for k, r in study.view(records, pedro_revision=revision).items()
+                        if r["task"] != source}
+                runs.update({k: r for k, r in study.view(records, pedro_revision=tuned).items()
+                             if r["task"] == source})
+                if _has_pedro_final(study, task, runs):
+                    return runs, revision, tuned
+    return study.view(records), current, current
+
+
+def build_report(study, records: Dict[str, dict], machine: dict) -> dict:
+    """records: every run of runs.jsonl (RunStore.load), of every revision."""
+    tasks = [t for t in study.tasks if any(r["task"] == t for r in records.values())]
     out = {"machine": machine, "settings": study.settings(), "tasks": {}}
     for task in tasks:
+        runs, pedro_recipe, pedro_recipe_tuned = task_view(study, records, task)
         t = {"zero_shot": runs.get(run_id(task, "base", {}, 0)), "sweep": {}, "final": {},
-             "paired_vs_pedro": {}, "variants": {}, "tuned_on": study.tasks[task].tuned_on}
+             "paired_vs_pedro": {}, "variants": {}, "tuned_on": study.tasks[task].tuned_on,
+             "pedro_recipe": pedro_recipe, "pedro_recipe_tuned": pedro_recipe_tuned,
+             "pedro_recipe_current": recipe_revision("pedro", {})}
         finals: Dict[str, Dict[int, dict]] = {}
         for method in study.sweeps:
             configs, complete = study.sweep_configs(task, method, runs)
@@ -104,10 +138,11 @@ def build_report(study, runs: Dict[str, dict], machine: dict) -> dict:
                                    for m in sorted({r["method"] for r in trained})},
             "by_method": {m: sorted({f"{r['best_step']}/{r['steps']}" for r in trained
                                      if r["method"] == m}) for m in sorted({r["method"] for r in trained})}}
-        t["compute"] = {
-            "runs": len(trained),
-            "train_s": sum(r["train_s"] for r in trained),
-            "median_s_per_step": statistics.median(r["s_per_step"] for r in trained) if trained else None}
+        spent = [r for r in records.values() if r["task"] == task and "best_step" in r]
+        t["compute"] = {  # every training run made for the task, superseded revisions included
+            "runs": len(spent),
+            "train_s": sum(r["train_s"] for r in spent),
+            "median_s_per_step": statistics.median(r["s_per_step"] for r in spent) if spent else None}
         out["tasks"][task] = t
     return out
 
@@ -164,6 +199,15 @@ def markdown(rep: dict) -> str:
         if z:
             acc = f", accuracy {z['test_accuracy']:.3f}" if "test_accuracy" in z else ""
             lines += [f"Untrained base model: response loss {z['test_loss']:.3f}{acc}.", ""]
+        now = t["pedro_recipe_current"]
+        if t["pedro_recipe"] != now:
+            lines += [f"PEDRO's runs here are of recipe revision {t['pedro_recipe']} "
+                      f"(bench/quality/methods.py, recipe_revision), earlier than the current "
+                      f"{now}, and not rerun yet; the other methods' code is unchanged.", ""]
+        if t.get("tuned_on") and t["pedro_recipe_tuned"] != t["pedro_recipe"]:
+            lines += [f"PEDRO's configuration here was chosen by its sweep on {t['tuned_on']} at "
+                      f"recipe revision {t['pedro_recipe_tuned']}, its runs are of revision "
+                      f"{t['pedro_recipe']}.", ""]
         chosen = (f"its best configuration on {t['tuned_on']} (same data; chosen on the dev split "
                   f"there, no sweep of its own)" if t.get("tuned_on")
                   else "its best learning rate on the dev split")
@@ -298,10 +342,11 @@ def plot_spread(rep: dict, path: str) -> None:
     plt.close(fig)
 
 
-def write(study, runs: Dict[str, dict], machine: dict, out: str, **extra) -> dict:
-    rep = build_report(study, runs, machine)
+def write(study, records: Dict[str, dict], machine: dict, out: str, **extra) -> dict:
+    """records: every run of runs.jsonl (RunStore.load)."""
+    rep = build_report(study, records, machine)
     rep["settings"].update(extra)
-    rep["runs"] = sorted(runs.values(), key=lambda r: r["run_id"])
+    rep["runs"] = sorted(records.values(), key=lambda r: r["run_id"])
     for name, text in (("quality.json", json.dumps(rep, indent=1)), ("quality.md", markdown(rep))):
         tmp = os.path.join(out, f"{name}.{os.getpid()}.tmp")  # (workers may write at once)
         with open(tmp, "w") as f:

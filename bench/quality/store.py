@@ -1,5 +1,6 @@
 """runs.jsonl: one JSON line per finished run, appended, never rewritten. A run is identified by
-task/method/config/seed; a rerun of the study skips every run already in the file, so the study
+task/method/config/seed and the revision of the method's training recipe (the field "recipe",
+1 when absent); a rerun of the study skips every run already in the file, so the study
 can be split by task and phase and survive interruption. Several processes may append at once
 (an exclusive lock around each line) and share the work (Claims)."""
 import fcntl
@@ -16,8 +17,10 @@ def config_key(config: Dict) -> str:
                     for k in sorted(config))
 
 
-def run_id(task: str, method: str, config: Dict, seed: int) -> str:
-    return f"{task}/{method}/{config_key(config)}/seed{seed}"
+def run_id(task: str, method: str, config: Dict, seed: int, revision: int = 1) -> str:
+    """Revision 1 has no suffix, so the ids of runs made before revisions existed stay valid."""
+    rid = f"{task}/{method}/{config_key(config)}/seed{seed}"
+    return rid if revision == 1 else f"{rid}/rev{revision}"
 
 
 class RunStore:

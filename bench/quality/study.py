@@ -7,6 +7,9 @@ Phases, each resumable (finished runs are read from runs.jsonl and skipped):
   final:    each method's best sweep configuration (lowest best dev loss) at seeds 0..n-1
             (seed 0 is the sweep's run); a task with `tuned_on` takes that task's best.
   variants: PEDRO's best configuration with one group of overrides at a time, at the given seeds.
+
+Runs made under an earlier revision of a method's training code (methods.recipe_revision) stay in
+runs.jsonl under their own ids, but the phases read only the current revision's: they are rerun.
 """
 import hashlib
 import json
@@ -21,7 +24,7 @@ import torch
 
 from pedro_ext.train import TrainConfig, train
 
-from .methods import METHODS, build, split_config, trainable_params
+from .methods import METHODS, build, recipe_revision, split_config, trainable_params
 from .store import Claims, RunStore, config_key, run_id
 from .tasks import TaskSpec, dataset_of, load_splits, score_test_split
 
@@ -94,6 +97,23 @@ class Study:
         return self._splits[task]
 
     # ------------------------------------------------------------------ selection
+    def view(self, records: Dict[str, dict], pedro_revision: Optional[int] = None) -> Dict[str, dict]:
+        """The runs the phases and the report read: {revision-free run id: record} for the
+        records made under the current revision of their method's code (pedro_revision: PEDRO's
+        runs at that revision instead, for a report of results not yet rerun)."""
+        out = {}
+        for rec in records.values():
+            want = recipe_revision(rec["method"], rec["config"])
+            if pedro_revision is not None and rec["method"] == "pedro" and want > 1:
+                want = pedro_revision
+            if rec.get("recipe", 1) == want:
+                out[run_id(rec["task"], rec["method"], rec["config"], rec["seed"])] = rec
+        return out
+
+    def runs(self) -> Dict[str, dict]:
+        """The current revision's finished runs (see view)."""
+        return self.view(self.store.load())
+
     def fixed_config(self, task: str, method: str, runs: Dict[str, dict]) -> Optional[Dict]:
         """The method's fixed settings on `task`, inherited values resolved (None while the
         sweep they come from is not complete)."""
@@ -184,7 +204,7 @@ class Study:
 
     def _wanted(self, phase, task, method, seeds, variant_seeds) -> Optional[List[tuple]]:
         """(config, seed, variant) runs the job needs now; None while it waits on a sweep."""
-        runs = self.store.load()
+        runs = self.runs()
         if method == "base":
             return [({}, 0, None)]
         if phase == "sweep":
@@ -209,7 +229,7 @@ class Study:
         wanted = self._wanted(phase, task, method, seeds, variant_seeds)
         if wanted is None:
             return "wait"
-        runs = self.store.load()
+        runs = self.runs()
         missing = [(c, s, v) for c, s, v in wanted if run_id(task, method, c, s) not in runs]
         if not missing:
             return "done"
@@ -220,7 +240,8 @@ class Study:
 
     def _ensure(self, task, method, config, seed, phase, variant=None) -> bool:
         """Run one run unless it is finished or another worker holds it; True if it ran."""
-        rid = run_id(task, method, config, seed)
+        revision = recipe_revision(method, config)
+        rid = run_id(task, method, config, seed, revision)
         holder = self.claims.acquire(rid)
         if holder is not None:
             return False
@@ -229,7 +250,7 @@ class Study:
                 return False
             self.log(f"run  {rid} [{phase}] load {_loadavg()}")
             record = self.execute(task, method, config, seed)
-            record.update(run_id=rid, phase=phase, variant=variant)
+            record.update(run_id=rid, recipe=revision, phase=phase, variant=variant)
             self.store.append(record)
         finally:
             self.claims.release(rid)

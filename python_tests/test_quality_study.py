@@ -13,6 +13,7 @@ from pedro_ext.train import encode, evaluate
 
 from bench.quality import report
 from bench.quality.precision import Bf16MatmulLinear, bf16_base_matmuls
+from bench.quality.methods import recipe_revision
 from bench.quality.store import run_id
 from bench.quality.study import Study, Sweep
 from bench.quality.tasks import TaskSpec, score_test_split
@@ -125,6 +126,81 @@ def test_task_tuned_on_another_runs_that_tasks_best_configs(tmp_path):
     with pytest.raises(ValueError, match="same data and splits"):
         Study(str(tmp_path / "y"), {"toy": short, "toy-long": other_data}, SWEEPS, {}, None, "m",
               splits_loader=toy_splits)
+
+
+def _as_revision_1(out, keep=lambda r: False):
+    """Rewrite runs.jsonl as if PEDRO's bi-level runs had been made before revision 2."""
+    recs = lines(out)
+    for r in recs:
+        if r.get("recipe", 1) == 2 and not keep(r):
+            del r["recipe"]
+            r["run_id"] = run_id(r["task"], r["method"], r["config"], r["seed"])
+    with open(os.path.join(out, "runs.jsonl"), "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in recs)
+    return recs
+
+
+def test_recipe_revision_marks_the_runs_whose_code_changed():
+    assert recipe_revision("pedro", {"lr": 1e-3}) == 2
+    assert recipe_revision("pedro", {"rational_mode": "bilevel"}) == 2
+    for method, config in (("pedro", {"rational_mode": "frozen"}), ("pedro", {"rational_mode": "joint"}),
+                           ("pedro-static", {}), ("lora-qv", {"r": 2}), ("ia3", {})):
+        assert recipe_revision(method, config) == 1, (method, config)
+    assert run_id("t", "pedro", {"lr": 0.1}, 3) == "t/pedro/lr=0.1/seed3"  # ids of revision 1 unchanged
+    assert run_id("t", "pedro", {"lr": 0.1}, 3, 2) == "t/pedro/lr=0.1/seed3/rev2"
+
+
+def test_runs_of_an_earlier_revision_are_rerun_and_reported_until_then(tmp_path):
+    study = Study(str(tmp_path), {"toy": toy_task()}, SWEEPS,
+                  {"frozen": {"rational_mode": "frozen"}}, lambda: (tiny_model(), CharTokenizer()),
+                  "tiny llama", splits_loader=toy_splits, max_extend=0, log=lambda s: None)
+    phases = ["sweep", "final", "variants"]
+    study.run_phases(phases, ["toy"], list(SWEEPS), seeds=2, variant_seeds=2)
+    made = lines(tmp_path)
+    bilevel = [r for r in made if r["method"] == "pedro" and r.get("variant") is None]
+    assert bilevel and all(r["recipe"] == 2 and r["run_id"].endswith("/rev2") for r in bilevel)
+    frozen = [r for r in made if r.get("variant") == "frozen"]
+    assert len(frozen) == 2 and all(r["recipe"] == 1 and "/rev" not in r["run_id"] for r in frozen)
+
+    old = _as_revision_1(tmp_path)
+    assert study.best_config("toy", "pedro", study.runs()) is None  # PEDRO's runs no longer count
+    rep = report.build_report(study, study.store.load(), {})
+    t = rep["tasks"]["toy"]
+    assert t["pedro_recipe"] == 1 and t["pedro_recipe_current"] == 2
+    assert t["final"]["pedro"]["seeds"] == [0, 1] and "lora-qv" in t["paired_vs_pedro"]
+    assert "of recipe revision 1" in report.markdown(rep)
+
+    study.run_phases(phases, ["toy"], list(SWEEPS), seeds=2, variant_seeds=2)
+    now = lines(tmp_path)
+    assert now[:len(old)] == old  # appended, nothing rewritten
+    rerun = now[len(old):]
+    # PEDRO's bi-level runs again (max_extend=0: the same grid and seeds), nothing else
+    assert sorted(r["run_id"] for r in rerun) == sorted(r["run_id"] for r in bilevel)
+    assert len(study.store.load()) == len(now)  # both revisions kept under their own ids
+    rep = report.build_report(study, study.store.load(), {})
+    t = rep["tasks"]["toy"]
+    assert t["pedro_recipe"] == 2 and "of recipe revision" not in report.markdown(rep)
+    assert t["final"]["pedro"]["test_loss"]["all"] == [
+        r["test_loss"] for r in sorted(rerun, key=lambda r: r["seed"])
+        if r["config"] == t["final"]["pedro"]["config"]]
+    assert t["compute"]["runs"] == len(now) - 1  # every training run made (not the base model's)
+
+
+def test_a_tuned_task_may_take_its_configuration_from_an_earlier_revisions_sweep(tmp_path):
+    tuned = dataclasses.replace(toy_task(3), name="toy-long", tuned_on="toy")
+    study = Study(str(tmp_path), {"toy": toy_task(2), "toy-long": tuned}, SWEEPS, {},
+                  lambda: (tiny_model(), CharTokenizer()), "tiny llama", splits_loader=toy_splits,
+                  max_extend=0, log=lambda s: None)
+    study.run_phases(["sweep", "final"], ["toy", "toy-long"], list(SWEEPS), seeds=2, variant_seeds=0)
+    _as_revision_1(tmp_path, keep=lambda r: r["task"] == "toy-long")  # toy's sweep: revision 1
+    rep = report.build_report(study, study.store.load(), {})
+    long, short = rep["tasks"]["toy-long"], rep["tasks"]["toy"]
+    assert (long["pedro_recipe"], long["pedro_recipe_tuned"]) == (2, 1)
+    assert long["final"]["pedro"]["seeds"] == [0, 1]
+    assert short["pedro_recipe"] == 1
+    md = report.markdown(rep).split("## toy-long")[1]
+    assert "chosen by its sweep on toy at recipe revision 1, its runs are of revision 2" in md
+    assert "of recipe revision 1 (" not in md
 
 
 def _scoring_model():

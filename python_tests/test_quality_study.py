@@ -128,13 +128,16 @@ def test_task_tuned_on_another_runs_that_tasks_best_configs(tmp_path):
               splits_loader=toy_splits)
 
 
-def _as_revision_1(out, keep=lambda r: False):
-    """Rewrite runs.jsonl as if PEDRO's bi-level runs had been made before revision 2."""
+def _as_revision_1(out, keep=lambda r: False, shift=lambda r: 0.0):
+    """Rewrite runs.jsonl as if PEDRO's bi-level runs had been made before revision 2, their
+    test loss 10 higher (told apart from a rerun's) and best dev loss `shift(r)` higher."""
     recs = lines(out)
     for r in recs:
         if r.get("recipe", 1) == 2 and not keep(r):
             del r["recipe"]
             r["run_id"] = run_id(r["task"], r["method"], r["config"], r["seed"])
+            r["test_loss"] += 10.0
+            r["best_dev_loss"] += shift(r)
     with open(os.path.join(out, "runs.jsonl"), "w") as f:
         f.writelines(json.dumps(r) + "\n" for r in recs)
     return recs
@@ -144,18 +147,25 @@ def test_recipe_revision_marks_the_runs_whose_code_changed():
     assert recipe_revision("pedro", {"lr": 1e-3}) == 2
     assert recipe_revision("pedro", {"rational_mode": "bilevel"}) == 2
     for method, config in (("pedro", {"rational_mode": "frozen"}), ("pedro", {"rational_mode": "joint"}),
+                           ("pedro", {"rational_trainable": False}),
                            ("pedro-static", {}), ("lora-qv", {"r": 2}), ("ia3", {})):
         assert recipe_revision(method, config) == 1, (method, config)
     assert run_id("t", "pedro", {"lr": 0.1}, 3) == "t/pedro/lr=0.1/seed3"  # ids of revision 1 unchanged
     assert run_id("t", "pedro", {"lr": 0.1}, 3, 2) == "t/pedro/lr=0.1/seed3/rev2"
 
 
+def _revision_study(out):
+    return Study(str(out), {"toy": toy_task()}, SWEEPS, {"frozen": {"rational_mode": "frozen"}},
+                 lambda: (tiny_model(), CharTokenizer()), "tiny llama", splits_loader=toy_splits,
+                 max_extend=0, log=lambda s: None)
+
+
+PHASES = ["sweep", "final", "variants"]
+
+
 def test_runs_of_an_earlier_revision_are_rerun_and_reported_until_then(tmp_path):
-    study = Study(str(tmp_path), {"toy": toy_task()}, SWEEPS,
-                  {"frozen": {"rational_mode": "frozen"}}, lambda: (tiny_model(), CharTokenizer()),
-                  "tiny llama", splits_loader=toy_splits, max_extend=0, log=lambda s: None)
-    phases = ["sweep", "final", "variants"]
-    study.run_phases(phases, ["toy"], list(SWEEPS), seeds=2, variant_seeds=2)
+    study = _revision_study(tmp_path)
+    study.run_phases(PHASES, ["toy"], list(SWEEPS), seeds=2, variant_seeds=2)
     made = lines(tmp_path)
     bilevel = [r for r in made if r["method"] == "pedro" and r.get("variant") is None]
     assert bilevel and all(r["recipe"] == 2 and r["run_id"].endswith("/rev2") for r in bilevel)
@@ -164,26 +174,46 @@ def test_runs_of_an_earlier_revision_are_rerun_and_reported_until_then(tmp_path)
 
     old = _as_revision_1(tmp_path)
     assert study.best_config("toy", "pedro", study.runs()) is None  # PEDRO's runs no longer count
-    rep = report.build_report(study, study.store.load(), {})
-    t = rep["tasks"]["toy"]
-    assert t["pedro_recipe"] == 1 and t["pedro_recipe_current"] == 2
-    assert t["final"]["pedro"]["seeds"] == [0, 1] and "lora-qv" in t["paired_vs_pedro"]
-    assert "of recipe revision 1" in report.markdown(rep)
 
-    study.run_phases(phases, ["toy"], list(SWEEPS), seeds=2, variant_seeds=2)
+    def reported():
+        rep = report.build_report(study, study.store.load(), {})
+        return rep["tasks"]["toy"], report.markdown(rep)
+    t, md = reported()
+    assert t["pedro_recipe"] == 1 and t["pedro_recipe_current"] == 2 and "of recipe revision 1" in md
+    assert t["final"]["pedro"]["seeds"] == [0, 1] and "lora-qv" in t["paired_vs_pedro"]
+    assert min(t["final"]["pedro"]["test_loss"]["all"]) > 10  # the earlier revision's numbers
+    assert t["variants"]["frozen"]["seeds"] == [0, 1]
+
+    study.run_phase("sweep", ["toy"], list(SWEEPS), seeds=2, variant_seeds=2)
+    t, _ = reported()  # a rerun with fewer seeds than the earlier revision does not replace it
+    assert t["pedro_recipe"] == 1 and t["final"]["pedro"]["seeds"] == [0, 1]
+
+    study.run_phases(PHASES, ["toy"], list(SWEEPS), seeds=2, variant_seeds=2)
     now = lines(tmp_path)
     assert now[:len(old)] == old  # appended, nothing rewritten
     rerun = now[len(old):]
     # PEDRO's bi-level runs again (max_extend=0: the same grid and seeds), nothing else
     assert sorted(r["run_id"] for r in rerun) == sorted(r["run_id"] for r in bilevel)
     assert len(study.store.load()) == len(now)  # both revisions kept under their own ids
+    t, md = reported()
+    assert t["pedro_recipe"] == 2 and "of recipe revision" not in md
+    best = t["final"]["pedro"]["config"]
+    assert t["final"]["pedro"]["test_loss"]["all"] == [
+        r["test_loss"] for r in sorted(rerun, key=lambda r: r["seed"]) if r["config"] == best]
+    assert t["compute"]["runs"] == len(now) - 1  # every training run made (not the base model's)
+
+
+def test_variants_of_another_configuration_are_not_reported(tmp_path):
+    study = _revision_study(tmp_path)
+    study.run_phases(PHASES, ["toy"], list(SWEEPS), seeds=2, variant_seeds=2)
+    best = study.best_config("toy", "pedro", study.runs())
+    # the earlier revision's sweep chose another lr: the frozen variants (of `best`) are not its
+    _as_revision_1(tmp_path, shift=lambda r: 10.0 if r["config"] == best else 0.0)
     rep = report.build_report(study, study.store.load(), {})
     t = rep["tasks"]["toy"]
-    assert t["pedro_recipe"] == 2 and "of recipe revision" not in report.markdown(rep)
-    assert t["final"]["pedro"]["test_loss"]["all"] == [
-        r["test_loss"] for r in sorted(rerun, key=lambda r: r["seed"])
-        if r["config"] == t["final"]["pedro"]["config"]]
-    assert t["compute"]["runs"] == len(now) - 1  # every training run made (not the base model's)
+    assert t["pedro_recipe"] == 1 and t["final"]["pedro"]["config"]["lr"] != best["lr"]
+    assert t["variants"] == {} and set(t["vector_spread"]) == {"pedro"}
+    assert "| frozen |" not in report.markdown(rep)
 
 
 def test_a_tuned_task_may_take_its_configuration_from_an_earlier_revisions_sweep(tmp_path):
@@ -201,6 +231,11 @@ def test_a_tuned_task_may_take_its_configuration_from_an_earlier_revisions_sweep
     md = report.markdown(rep).split("## toy-long")[1]
     assert "chosen by its sweep on toy at recipe revision 1, its runs are of revision 2" in md
     assert "of recipe revision 1 (" not in md
+    study.run_phase("sweep", ["toy"], list(SWEEPS), seeds=2, variant_seeds=0)
+    rep = report.build_report(study, study.store.load(), {})  # both of toy's sweeps choose alike:
+    long = rep["tasks"]["toy-long"]                             # the runs' own revision is named
+    assert (long["pedro_recipe"], long["pedro_recipe_tuned"]) == (2, 2)
+    assert "recipe revision" not in report.markdown(rep).split("## toy-long")[1]
 
 
 def _scoring_model():
@@ -329,3 +364,15 @@ def test_claims_share_runs_between_workers(tmp_path):
         holder.wait()
     assert study._ensure("toy", "base", {}, 0, "sweep") is True
     assert list(study.store.load()) == [rid]
+
+    config = {"lr": 1e-3, "r": 2, "static_lr": 1e-2}  # a revision-2 run is claimed under its own id
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        with open(study.claims._path(run_id("toy", "pedro", config, 0, 2)), "w") as f:
+            f.write(str(holder.pid))
+        assert study._ensure("toy", "pedro", config, 0, "sweep") is False
+    finally:
+        holder.kill()
+        holder.wait()
+    assert study._ensure("toy", "pedro", config, 0, "sweep") is True
+    assert list(study.store.load()) == [rid, run_id("toy", "pedro", config, 0, 2)]

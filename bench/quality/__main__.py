@@ -12,15 +12,17 @@ weights, CPU), every method with a tuned learning rate:
         four times (evaluated every 24 steps), e.g. for
         --methods pedro,pedro-static,lora-qvu --phase sweep, then --phase final; bbc-xxl at
         eight times (every 32 steps), each method at its bbc-xl configuration (no sweep of its
-        own: --phase final once bbc-xl's sweep is complete).
+        own: --phase final once bbc-xl's sweep is complete at the current recipe revision).
 Methods: pedro; pedro-static (only b_up trained: IA3 on q, v, up, the control for the
 prompt-dependent part); lora-qv and lora-qvu at PEDRO's parameter count; ia3 (peft defaults).
 Every run: AdamW, warm-up + linear decay, the task's steps and batch size, dev evaluation every
 K steps, best dev weights kept, then the test split.
 
-Results are appended to OUT/runs.jsonl (one line per run, keyed task/method/config/seed) and
-never recomputed: rerunning a phase skips finished runs, so phases and tasks can run as separate
-(background) processes and survive interruption. quality.json / .md / .png are rebuilt from
+Results are appended to OUT/runs.jsonl (one line per run, keyed task/method/config/seed and the
+revision of the method's training code, methods.recipe_revision) and never recomputed:
+rerunning a phase skips finished runs of the current revision, so phases and tasks can run as
+separate (background) processes and survive interruption; runs of an earlier revision are run
+again, and the report shows PEDRO's earlier results until the rerun has as many seeds. quality.json / .md / .png are rebuilt from
 runs.jsonl after every invocation (and by --phase report).
 """
 import argparse

@@ -28,9 +28,11 @@ def recipe_revision(method: str, config: Dict) -> int:
       2: (commit 9da1927) PEDRO's bi-level held-out steps follow the learning-rate schedule of
          the optimizer step they come after; before, they stepped a schedule of their own, so
          the rational coefficients' lr warmed up over bilevel_every times the steps and never
-         decayed. Only PEDRO with rational_mode "bilevel" runs that code."""
-    mode = config.get("rational_mode", TrainConfig.rational_mode)
-    return 2 if method == "pedro" and mode == "bilevel" else 1
+         decayed. Only PEDRO with rational_mode "bilevel" and trainable coefficients runs
+         that code."""
+    bilevel = (config.get("rational_mode", TrainConfig.rational_mode) == "bilevel"
+               and config.get("rational_trainable", PedroConfig.rational_trainable))
+    return 2 if method == "pedro" and bilevel else 1
 
 
 def adapter_fields(method: str) -> set:

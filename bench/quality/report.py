@@ -8,8 +8,8 @@ better) and baseline minus PEDRO for response loss (lower is better): positive a
 PEDRO is ahead.
 
 Each task is reported from the current revision of every method's training code
-(methods.recipe_revision). Where PEDRO has no final runs at the current revision yet, its runs of
-the latest earlier revision that has some are reported instead, and the task says which.
+(methods.recipe_revision), except PEDRO's where an earlier revision has final runs at more seeds
+(a rerun not finished): then the task says which revision it shows.
 """
 import json
 import os
@@ -38,29 +38,42 @@ def paired(a: Dict[int, dict], b: Dict[int, dict], key: str, sign: int) -> Optio
             "ahead_by_2se": (se is not None and statistics.mean(d) > 2 * se)}
 
 
-def _has_pedro_final(study, task: str, runs: Dict[str, dict]) -> bool:
+def _pedro_final_seeds(study, task: str, runs: Dict[str, dict]) -> int:
     best = study.best_config(task, "pedro", runs)
-    return best is not None and any(r["task"] == task and r["method"] == "pedro" and r["config"] == best
-                                    for r in runs.values())
+    return 0 if best is None else sum(r["task"] == task and r["method"] == "pedro" and r["config"] == best
+                                      for r in runs.values())
 
 
 def task_view(study, records: Dict[str, dict], task: str):
     """(the runs to report `task` from, the revision of PEDRO's code its runs hold, the revision
-    of the sweep that chose their configuration): the current revision, else PEDRO's latest
-    earlier one with final runs. A task tuned on another may take its configuration from that
-    task's sweep at an earlier revision than its own runs."""
+    of the sweep that chose their configuration): of PEDRO's revisions, the one whose final
+    runs have the most seeds, the newest on a tie (so a rerun replaces the earlier revision's
+    results once it has as many seeds). A task tuned on another may take its configuration
+    from that task's sweep at another revision than its own runs'."""
     current = recipe_revision("pedro", {})
+    if "pedro" not in study.sweeps:
+        return study.view(records), current, current
     source = study.tasks[task].tuned_on
-    if "pedro" in study.sweeps:
-        for revision in range(current, 0, -1):
-            for tuned in (range(current, 0, -1) if source else (revision,)):
-                runs = {k: r for k, r in study.view(records, pedro_revision=revision).items()
-                        if r["task"] != source}
-                runs.update({k: r for k, r in study.view(records, pedro_revision=tuned).items()
-                             if r["task"] == source})
-                if _has_pedro_final(study, task, runs):
-                    return runs, revision, tuned
-    return study.view(records), current, current
+    choices = []
+    for revision in range(1, current + 1):
+        for tuned in (range(1, current + 1) if source else (revision,)):
+            runs = {k: r for k, r in study.view(records, pedro_revision=revision).items()
+                    if r["task"] != source}
+            runs.update({k: r for k, r in study.view(records, pedro_revision=tuned).items()
+                         if r["task"] == source})
+            n = _pedro_final_seeds(study, task, runs)
+            choices.append(((n, revision, tuned == revision, tuned), runs, revision, tuned))
+    _, runs, revision, tuned = max(choices, key=lambda c: c[0])
+    return runs, revision, tuned
+
+
+def _variant_runs(study, task: str, runs: Dict[str, dict], best: Dict) -> List[dict]:
+    """The runs of PEDRO's variants of its `best` configuration on `task` (not those of
+    another configuration, e.g. one chosen by an earlier revision's sweep)."""
+    order = list(study.variants)
+    return sorted((r for r in runs.values() if r["task"] == task and r.get("variant") in study.variants
+                   and r["config"] == {**best, **study.variants[r["variant"]]}),
+                  key=lambda r: (order.index(r["variant"]), r["seed"]))
 
 
 def build_report(study, records: Dict[str, dict], machine: dict) -> dict:
@@ -110,9 +123,7 @@ def build_report(study, records: Dict[str, dict], machine: dict) -> dict:
                 t["paired_vs_pedro"][method] = {
                     key: paired(finals["pedro"], seeds, key, sign) for key, sign in METRICS
                     if paired(finals["pedro"], seeds, key, sign) is not None}
-            for r in runs.values():
-                if r["task"] != task or r.get("variant") is None:
-                    continue
+            for r in _variant_runs(study, task, runs, t["final"]["pedro"]["config"]):
                 v = t["variants"].setdefault(r["variant"], {"config": r["config"], "seeds": {}})
                 v["seeds"][r["seed"]] = r
             for name, v in t["variants"].items():
@@ -127,7 +138,9 @@ def build_report(study, records: Dict[str, dict], machine: dict) -> dict:
                         # variant minus the PEDRO recipe it modifies: positive = the variant is better
                         v[key + "_vs_pedro"] = paired(seeds, finals["pedro"], key, sign)
                 v["best_dev_loss"] = _mean_std([seeds[s]["best_dev_loss"] for s in sorted(seeds)])
-        t["vector_spread"] = _spread_summary(finals.get("pedro", {}), t["variants"], runs, task)
+        variant_runs = _variant_runs(study, task, runs, t["final"]["pedro"]["config"]) \
+            if "pedro" in finals else []
+        t["vector_spread"] = _spread_summary(finals.get("pedro", {}), variant_runs)
         trained = [r for r in runs.values() if r["task"] == task and "best_step" in r]
         t["best_step_check"] = {
             "runs": len(trained),
@@ -152,15 +165,14 @@ def _last_gain(r: dict) -> float:
     return max(0.0, curve[-2] - curve[-1]) if len(curve) >= 2 else float("nan")
 
 
-def _spread_summary(pedro_seeds: Dict[int, dict], variants: dict, runs: Dict[str, dict],
-                    task: str) -> dict:
+def _spread_summary(pedro_seeds: Dict[int, dict], variant_runs: List[dict]) -> dict:
     """Per configuration (PEDRO's best, each variant): the vectors' spread across a dev batch's
     prompts and the RMS of their static part b_up, per layer and averaged over layers, at the
     best step, averaged over seeds."""
     groups = {"pedro": [r for r in pedro_seeds.values() if "vector_spread_best" in r]}
-    for name, v in variants.items():
-        groups[name] = [r for r in runs.values() if r["task"] == task and r.get("variant") == name
-                        and "vector_spread_best" in r]
+    for r in variant_runs:
+        if "vector_spread_best" in r:
+            groups.setdefault(r["variant"], []).append(r)
     out = {}
     for name, rs in groups.items():
         if not rs:
@@ -203,7 +215,7 @@ def markdown(rep: dict) -> str:
         if t["pedro_recipe"] != now:
             lines += [f"PEDRO's runs here are of recipe revision {t['pedro_recipe']} "
                       f"(bench/quality/methods.py, recipe_revision), earlier than the current "
-                      f"{now}, and not rerun yet; the other methods' code is unchanged.", ""]
+                      f"{now}, and not rerun yet.", ""]
         if t.get("tuned_on") and t["pedro_recipe_tuned"] != t["pedro_recipe"]:
             lines += [f"PEDRO's configuration here was chosen by its sweep on {t['tuned_on']} at "
                       f"recipe revision {t['pedro_recipe_tuned']}, its runs are of revision "

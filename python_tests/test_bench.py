@@ -111,6 +111,7 @@ def test_decode_profile_shows_what_each_step_runs(quick_run):
     decode = [r for r in result["rows"] if r["level"] == "model" and r["phase"] == "decode"]
     assert decode
     for r in decode:
+        assert r["decode_ops"]["steps"] == p["model_new_tokens"] - 1
         ops = r["decode_ops"]["ops"]
         calls = {k: v["calls"] for k, v in ops.items()}
         assert all(v["cpu_ms"] >= 0 and v["calls"] > 0 for v in ops.values())

@@ -22,8 +22,9 @@ Results are appended to OUT/runs.jsonl (one line per run, keyed task/method/conf
 revision of the method's training code, methods.recipe_revision) and never recomputed:
 rerunning a phase skips finished runs of the current revision, so phases and tasks can run as
 separate (background) processes and survive interruption; runs of an earlier revision are run
-again, and the report shows PEDRO's earlier results until the rerun has as many seeds. quality.json / .md / .png are rebuilt from
-runs.jsonl after every invocation (and by --phase report).
+again, and the report shows PEDRO's earlier results until the rerun has as many seeds.
+quality.json / .md / .png are rebuilt from runs.jsonl after every invocation (and by --phase
+report).
 """
 import argparse
 import dataclasses

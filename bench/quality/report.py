@@ -87,6 +87,7 @@ def build_report(study, records: Dict[str, dict], machine: dict) -> dict:
              "pedro_recipe": pedro_recipe, "pedro_recipe_tuned": pedro_recipe_tuned,
              "pedro_recipe_current": recipe_revision("pedro", {})}
         finals: Dict[str, Dict[int, dict]] = {}
+        variant_runs: List[dict] = []
         for method in study.sweeps:
             configs, complete = study.sweep_configs(task, method, runs)
             rows = []
@@ -123,7 +124,8 @@ def build_report(study, records: Dict[str, dict], machine: dict) -> dict:
                 t["paired_vs_pedro"][method] = {
                     key: paired(finals["pedro"], seeds, key, sign) for key, sign in METRICS
                     if paired(finals["pedro"], seeds, key, sign) is not None}
-            for r in _variant_runs(study, task, runs, t["final"]["pedro"]["config"]):
+            variant_runs = _variant_runs(study, task, runs, t["final"]["pedro"]["config"])
+            for r in variant_runs:
                 v = t["variants"].setdefault(r["variant"], {"config": r["config"], "seeds": {}})
                 v["seeds"][r["seed"]] = r
             for name, v in t["variants"].items():
@@ -138,8 +140,6 @@ def build_report(study, records: Dict[str, dict], machine: dict) -> dict:
                         # variant minus the PEDRO recipe it modifies: positive = the variant is better
                         v[key + "_vs_pedro"] = paired(seeds, finals["pedro"], key, sign)
                 v["best_dev_loss"] = _mean_std([seeds[s]["best_dev_loss"] for s in sorted(seeds)])
-        variant_runs = _variant_runs(study, task, runs, t["final"]["pedro"]["config"]) \
-            if "pedro" in finals else []
         t["vector_spread"] = _spread_summary(finals.get("pedro", {}), variant_runs)
         trained = [r for r in runs.values() if r["task"] == task and "best_step" in r]
         t["best_step_check"] = {

@@ -1,8 +1,8 @@
 """runs.jsonl: one JSON line per finished run, appended, never rewritten. A run is identified by
 task/method/config/seed and the revision of the method's training recipe (the field "recipe",
-1 when absent); a rerun of the study skips every run of the current revision already in the file (one
-of an earlier revision is run again, under its own id), so the study
-can be split by task and phase and survive interruption. Several processes may append at once
+1 when absent); a rerun of the study skips every run of the current revision already in the
+file (one of an earlier revision is run again, under its own id), so the study can be split by
+task and phase and survive interruption. Several processes may append at once
 (an exclusive lock around each line) and share the work (Claims)."""
 import fcntl
 import json

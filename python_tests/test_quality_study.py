@@ -12,7 +12,7 @@ from pedro_ext import PedroConfig, get_pedro_model
 from pedro_ext.train import encode, evaluate
 
 from bench.quality import report
-from bench.quality.precision import Bf16MatmulLinear, bf16_base_matmuls
+from bench.quality.precision import Bf16MatmulLinear, bf16_base_matmuls, gemm_mode
 from bench.quality.methods import recipe_revision
 from bench.quality.store import run_id
 from bench.quality.study import Study, Sweep
@@ -325,6 +325,33 @@ def test_bf16_matmuls_round_only_the_gemm():
     model.lm_head.weight.requires_grad_(True)
     with pytest.raises(RuntimeError, match="frozen"):
         model.lm_head(x)
+
+
+def test_emulated_bf16_gemms_round_as_native_ones():
+    """The emulated mode (bf16-rounded operands, fp32 GEMM, bf16-rounded result; the same in
+    the backward pass) gives what native bf16 GEMMs give, up to the order of summation."""
+    models = {mode: bf16_base_matmuls(tiny_model(), mode=mode) for mode in ("native", "emulated")}
+    assert models["emulated"].lm_head.weight_bf16.dtype == torch.float32
+    torch.manual_seed(0)
+    ids = torch.randint(0, 97, (3, 9))
+    out, grads = {}, {}
+    for mode, model in models.items():
+        emb = model.model.embed_tokens(ids).detach().requires_grad_(True)
+        logits = model(inputs_embeds=emb).logits
+        logits.float().pow(2).mean().backward()
+        out[mode], grads[mode] = logits.detach(), emb.grad
+    for got, want in ((out["emulated"], out["native"]), (grads["emulated"], grads["native"])):
+        torch.testing.assert_close(got, want, rtol=2 ** -7, atol=1e-6 * want.abs().max().item())
+        assert (got == want).float().mean() > 0.95  # mostly bit-identical
+    native_only = bf16_base_matmuls(tiny_model(), mode="native")
+    x = torch.randn(4, 48)
+    with torch.no_grad():  # the head stays exact fp32 in evaluation in both modes
+        torch.testing.assert_close(models["emulated"].lm_head(x), native_only.lm_head(x))
+    with pytest.raises(ValueError, match="mode must be one of"):
+        bf16_base_matmuls(tiny_model(), mode="fp16")
+    assert gemm_mode("flags : fpu avx2 avx512f avx512_bf16") == "native"
+    assert gemm_mode("flags : fpu avx2 amx_bf16 amx_tile") == "native"
+    assert gemm_mode("flags : fpu avx2 avx512f") == "emulated"
 
 
 def test_claims_share_runs_between_workers(tmp_path):

@@ -40,7 +40,7 @@ from pedro_ext.offline import load_smollm2
 
 from . import report
 from .methods import LORA_TARGETS, METHODS, lora_params_per_rank, split_config, trainable_params
-from .precision import bf16_base_matmuls
+from .precision import GEMM_MODES, bf16_base_matmuls, gemm_mode
 from .study import Study, Sweep
 from .tasks import TASKS, quick
 
@@ -111,6 +111,9 @@ def main(argv=None):
     ap.add_argument("--threads", type=int, default=1,
                     help="torch threads (1 is fastest on a CPU shared with other jobs)")
     ap.add_argument("--fp32", action="store_true", help="keep the base model's matmuls in fp32")
+    ap.add_argument("--bf16-gemm", default="auto", choices=("auto",) + GEMM_MODES,
+                    help="bf16 GEMMs in hardware or emulated around fp32 ones (same roundings; "
+                         "auto: native where the CPU has AVX512-BF16 / AMX-BF16)")
     ap.add_argument("--quick", action="store_true",
                     help="smoke test: 2 steps, a few items, one learning rate, 2 seeds, one variant")
     args = ap.parse_args(argv)
@@ -137,13 +140,16 @@ def main(argv=None):
                        else "bench/results/quality")
     os.makedirs(out, exist_ok=True)
 
+    mode = gemm_mode() if args.bf16_gemm == "auto" else args.bf16_gemm
+
     def load_model():
         model, tok = load_smollm2()
-        return (model if args.fp32 else bf16_base_matmuls(model)), tok
+        return (model if args.fp32 else bf16_base_matmuls(model, mode=mode)), tok
 
+    run_info = dict(cpu=cpu_name(), base_gemm="fp32" if args.fp32 else f"bf16 {mode}")
     study = Study(out, tasks, sweeps, variants, load_model,
                   MODEL_NAME_FP32 if args.fp32 else MODEL_NAME, max_extend=args.max_extend,
-                  log=lambda s: print(s, flush=True))
+                  log=lambda s: print(s, flush=True), run_info=run_info)
     matched = check_matched_lora(sweeps, load_model)
     phases = ["sweep", "final", "variants"] if args.phase == "all" else \
         ([] if args.phase == "report" else [args.phase])

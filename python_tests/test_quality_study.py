@@ -1,6 +1,7 @@
 """The quality study's driver (bench/quality) on a tiny random Llama: resumable phases, grid
 extension, paired differences, the single-forward test metrics, and the bf16-matmul base."""
 import dataclasses
+import io
 import json
 import os
 import random
@@ -46,7 +47,7 @@ SWEEPS = {
 def make_study(out, steps=2):
     return Study(str(out), {"toy": toy_task(steps)}, SWEEPS, {"last": {"pooling": "last"}},
                  lambda: (tiny_model(), CharTokenizer()), "tiny llama", splits_loader=toy_splits,
-                 max_extend=1, log=lambda s: None)
+                 max_extend=1, log=lambda s: None, run_info={"cpu": "toy cpu"})
 
 
 def lines(out):
@@ -66,6 +67,7 @@ def test_phases_resume_extend_and_pair(tmp_path):
     assert {r["config"]["static_lr"] for r in first if r["method"] == "pedro"} == {static_best}
     for r in first:  # the generator diagnostic comes with every PEDRO run
         assert ("vector_spread_best" in r) == (r["method"] == "pedro"), r["run_id"]
+        assert r["cpu"] == "toy cpu"  # run_info goes into every record
     study.run_phase("sweep", ["toy"], list(SWEEPS), seeds=2, variant_seeds=2)
     assert len(lines(tmp_path)) == len(first)  # finished runs are skipped, not recomputed
 
@@ -329,10 +331,28 @@ def test_bf16_matmuls_round_only_the_gemm():
 
 def test_emulated_bf16_gemms_round_as_native_ones():
     """The emulated mode (bf16-rounded operands, fp32 GEMM, bf16-rounded result; the same in
-    the backward pass) gives what native bf16 GEMMs give, up to the order of summation."""
+    the backward pass) against a float64 reference of those roundings, and against native bf16
+    GEMMs, which differ from it in the order of summation only."""
+    def bf16(t):
+        return t.to(torch.bfloat16).to(t.dtype)
+
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(96, 40, bias=False)
+    w = bf16(linear.weight.detach().double())
+    layer = bf16_base_matmuls(torch.nn.Sequential(linear), mode="emulated")[0]
+    x = torch.randn(3, 7, 96, requires_grad=True)
+    y = layer(x)
+    grad_y = torch.randn_like(y)
+    y.backward(grad_y)
+    want_y = bf16(bf16(x.detach().double()) @ w.T).float()
+    want_gx = bf16(bf16(grad_y.double()) @ w).float()
+    for got, want in ((y.detach(), want_y), (x.grad, want_gx)):
+        assert got.dtype == torch.float32 and torch.equal(got, bf16(got))  # bf16 values
+        torch.testing.assert_close(got, want, rtol=2 ** -8, atol=0)  # at most one bf16 step
+        assert (got == want).float().mean() > 0.95  # and mostly none
+
     models = {mode: bf16_base_matmuls(tiny_model(), mode=mode) for mode in ("native", "emulated")}
     assert models["emulated"].lm_head.weight_bf16.dtype == torch.float32
-    torch.manual_seed(0)
     ids = torch.randint(0, 97, (3, 9))
     out, grads = {}, {}
     for mode, model in models.items():
@@ -342,11 +362,10 @@ def test_emulated_bf16_gemms_round_as_native_ones():
         out[mode], grads[mode] = logits.detach(), emb.grad
     for got, want in ((out["emulated"], out["native"]), (grads["emulated"], grads["native"])):
         torch.testing.assert_close(got, want, rtol=2 ** -7, atol=1e-6 * want.abs().max().item())
-        assert (got == want).float().mean() > 0.95  # mostly bit-identical
-    native_only = bf16_base_matmuls(tiny_model(), mode="native")
     x = torch.randn(4, 48)
     with torch.no_grad():  # the head stays exact fp32 in evaluation in both modes
-        torch.testing.assert_close(models["emulated"].lm_head(x), native_only.lm_head(x))
+        torch.testing.assert_close(models["emulated"].lm_head(x), tiny_model().lm_head(x),
+                                   rtol=1e-6, atol=1e-6)
     with pytest.raises(ValueError, match="mode must be one of"):
         bf16_base_matmuls(tiny_model(), mode="fp16")
     assert gemm_mode("flags : fpu avx2 avx512f avx512_bf16") == "native"
@@ -374,6 +393,13 @@ def test_prompt_blind_control_keeps_pedro_but_not_the_prompt():
         grads = {n: p.grad for n, p in net.named_parameters() if p.requires_grad}
         assert all(g is not None and g.abs().sum() > 0 for n, g in grads.items()
                    if n.rsplit(".", 1)[-1] in ("w_down", "b_down", "w_up", "b_up")), blind
+        if blind:  # a saved and reloaded model stays blind
+            buf = io.BytesIO()
+            torch.save(net, buf)
+            buf.seek(0)
+            reloaded = torch.load(buf, weights_only=False)
+            for layer, v in reloaded.eval().prompt_vectors(ids).items():
+                torch.testing.assert_close(v, vectors[True][layer])
     for layer, v in vectors[True].items():  # the same for both prompts, unlike PEDRO's
         torch.testing.assert_close(v[0], v[1])
         assert not torch.allclose(vectors[False][layer][0], vectors[False][layer][1])

@@ -157,6 +157,8 @@ def main(argv=None):
     phases = ["sweep", "final", "variants"] if args.phase == "all" else \
         ([] if args.phase == "report" else [args.phase])
     study.run_phases(phases, task_names, methods, args.seeds, args.variant_seeds)
+    if not args.quick:  # the report shows every variant's runs, not only this call's --variants
+        study.variants = dict(VARIANTS)
     machine = dict(cpu=cpu_name(), cpu_count=os.cpu_count(), threads=torch.get_num_threads(),
                    torch=torch.__version__, python=platform.python_version())
     rep = report.write(study, study.store.load(), machine, out, parameter_match=matched)

@@ -5,7 +5,6 @@ the adapter (PEDRO methods), "r" is the rank of the LoRA methods, keys that are 
 fields go to the training loop; "prompt_blind" (PEDRO) is the study's own control below.
 """
 import dataclasses
-import types
 from typing import Callable, Dict, Tuple
 
 import torch
@@ -76,21 +75,26 @@ def lora_params_per_rank(model: torch.nn.Module, targets) -> int:
                if isinstance(m, torch.nn.Linear) and name.rsplit(".", 1)[-1] in targets)
 
 
-def _constant_input(bank, x, plan, stacked, gather):
-    return torch.ones(x.shape[0], x.shape[2], dtype=torch.float32, device=x.device)
+class BlindPedroLayerBank(PedroLayerBank):
+    """A layer bank whose generator input is a vector of ones (RMS 1, like the RMS-normalised
+    pooled prompt) for every row, whatever the prompt."""
+
+    def _pooled(self, x, plan, bank, gather):
+        return torch.ones(x.shape[0], x.shape[2], dtype=torch.float32, device=x.device)
 
 
 def blind_generators(net: torch.nn.Module) -> None:
     """The control for PEDRO's prompt dependence: every layer's generator gets the same input
-    (a vector of ones, the RMS of a normalised pooled prompt) instead of the pooled prompt, so
-    the vectors, b_up + w_up R(w_down 1 + b_down), are the same for every prompt while the
-    parameters, their initialisation and their optimisation (the bi-level rational
-    coefficients included) are PEDRO's. PEDRO-static differs from PEDRO in all of these."""
-    banks = [m for m in net.modules() if isinstance(m, PedroLayerBank)]
+    instead of the pooled prompt, so the vectors, b_up + w_up R(w_down 1 + b_down), are the same
+    for every prompt while the parameters, their initialisation and their optimisation (the
+    bi-level rational coefficients included) are PEDRO's. PEDRO-static differs from PEDRO in all
+    of these. The banks change class (as precision.py's Linear layers do), so copies and pickles
+    of the model stay blind."""
+    banks = [m for m in net.modules() if type(m) is PedroLayerBank]
     if not banks:
         raise ValueError("blind_generators: the model has no PEDRO layer banks")
     for bank in banks:
-        bank._pooled = types.MethodType(_constant_input, bank)
+        bank.__class__ = BlindPedroLayerBank
 
 
 def build(method: str, model: torch.nn.Module, adapter: Dict

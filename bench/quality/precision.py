@@ -46,12 +46,13 @@ class _RoundedLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight_rounded):
         ctx.save_for_backward(weight_rounded)
+        ctx.x_dtype = x.dtype
         return _round(F.linear(_round(x), weight_rounded)).to(x.dtype)
 
     @staticmethod
     def backward(ctx, grad):
         (weight_rounded,) = ctx.saved_tensors
-        return _round(_round(grad) @ weight_rounded).to(grad.dtype), None
+        return _round(_round(grad) @ weight_rounded).to(ctx.x_dtype), None
 
 
 def _round(t: torch.Tensor) -> torch.Tensor:

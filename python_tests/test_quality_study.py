@@ -390,9 +390,10 @@ def test_prompt_blind_control_keeps_pedro_but_not_the_prompt():
         vectors[blind] = net.prompt_vectors(ids)
         net.train()
         net(input_ids=ids, labels=ids).loss.backward()
-        grads = {n: p.grad for n, p in net.named_parameters() if p.requires_grad}
-        assert all(g is not None and g.abs().sum() > 0 for n, g in grads.items()
-                   if n.rsplit(".", 1)[-1] in ("w_down", "b_down", "w_up", "b_up")), blind
+        generator = {n: p.grad for n, p in net.named_parameters()
+                     if n.rsplit(".", 1)[-1] in ("w_down", "b_down", "w_up", "b_up")}
+        assert {n.rsplit(".", 1)[-1] for n in generator} == {"w_down", "b_down", "w_up", "b_up"}
+        assert all(g is not None and g.abs().sum() > 0 for g in generator.values()), blind
         if blind:  # a saved and reloaded model stays blind
             buf = io.BytesIO()
             torch.save(net, buf)

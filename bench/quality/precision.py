@@ -3,8 +3,8 @@
 On the study's CPU (AMD EPYC with AVX512-BF16) a bf16 GEMM runs 4-5x faster than an fp32 one,
 which is what makes a tuned, multi-seed study fit on 2 shared cores. A CPU without native bf16
 arithmetic (AVX2 only) runs torch's bf16 GEMM about 8x slower than fp32 (a PEDRO training step
-on bbc took 150 s on a 2-core AVX2 EPYC VM, two processes at once); there the same roundings are
-emulated (10.5 s for that step): the bf16-rounded operands multiply in an fp32 GEMM and the
+on bbc-xl took 150 s on a 2-core AVX2 EPYC VM, two processes at once); there the same roundings
+are emulated (10.5 s for that step): the bf16-rounded operands multiply in an fp32 GEMM and the
 result is rounded to bf16, in the backward pass too. A native bf16 GEMM also accumulates in
 fp32, so the two differ only in the order of summation (at most one bf16 step in an output,
 rarely). `gemm_mode()` picks one, and every run records which. Only the frozen base weights and
@@ -79,7 +79,8 @@ class Bf16MatmulLinear(nn.Linear):
         return y if self.bias is None else y + self.bias
 
 
-def bf16_base_matmuls(model: nn.Module, head_name: str = "lm_head", mode: str = "native") -> nn.Module:
+def bf16_base_matmuls(model: nn.Module, head_name: str = "lm_head",
+                      mode: str = "native") -> nn.Module:
     """Freeze `model` and convert every plain nn.Linear in place (before attaching adapters);
     mode: "native" (bf16 GEMMs) or "emulated" (the same roundings around fp32 GEMMs)."""
     if mode not in GEMM_MODES:

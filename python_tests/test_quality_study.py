@@ -96,6 +96,54 @@ def test_phases_resume_extend_and_pair(tmp_path):
         make_study(tmp_path, steps=3).store.load()
 
 
+def test_runs_on_another_platform_are_made_again_and_paired_within_it(tmp_path):
+    """A study resumed on a machine with other GEMM arithmetic keeps the choices made, makes the
+    runs that are paired again there, and never pairs runs across the two."""
+    native = make_study(tmp_path)
+    for phase in ("sweep", "final", "variants"):
+        native.run_phase(phase, ["toy"], list(SWEEPS), seeds=2, variant_seeds=2)
+    before = lines(tmp_path)
+    other = Study(str(tmp_path), {"toy": toy_task()}, SWEEPS, {"last": {"pooling": "last"}},
+                  lambda: (tiny_model(seed=1), CharTokenizer()), "tiny llama",
+                  splits_loader=toy_splits, max_extend=1, log=lambda s: None,
+                  run_info={"cpu": "other cpu", "base_gemm": "bf16 emulated"})
+    other.run_phase("sweep", ["toy"], list(SWEEPS), seeds=2, variant_seeds=2)
+    assert lines(tmp_path) == before  # the choices stand: no sweep run is made again
+    other.run_phase("variants", ["toy"], list(SWEEPS), seeds=2, variant_seeds=2)
+    best = native.best_config("toy", "pedro", native.runs())
+    new = lines(tmp_path)[len(before):]  # the variant and the PEDRO runs it is paired with
+    assert sorted((r["method"], r.get("variant") or "-", r["seed"]) for r in new) == \
+        [("pedro", "-", 0), ("pedro", "-", 1), ("pedro", "last", 0), ("pedro", "last", 1)]
+    other.run_phase("final", ["toy"], list(SWEEPS), seeds=2, variant_seeds=2)
+    new = lines(tmp_path)[len(before):]
+    assert len(new) == 4 + 2 * 2 and all(r["base_gemm"] == "bf16 emulated" for r in new)
+    merged = other.runs()  # each id's first record: the one the choices were made from
+    assert all("base_gemm" not in r for r in merged.values())
+    assert other.best_config("toy", "pedro", merged) == best
+    here = other.runs(on="bf16 emulated")
+    assert len(here) == len(new) and all(r["cpu"] == "other cpu" for r in here.values())
+
+    rep = report.build_report(native, native.store.load(), {})
+    t = rep["tasks"]["toy"]
+    assert t["platform"] == "bf16 native" and set(t["other_platforms"]) == {"bf16 emulated"}
+    sec = t["other_platforms"]["bf16 emulated"]
+    there = native.runs(on="bf16 native")
+    lora = native.best_config("toy", "lora-qv", merged)
+
+    def loss(runs, method, config, seed):
+        return runs[run_id("toy", method, config, seed)]["test_loss"]
+    for runs, section in ((there, t), (here, sec)):
+        assert section["paired_vs_pedro"]["lora-qv"]["test_loss"]["diffs"] == pytest.approx(
+            [loss(runs, "lora-qv", lora, s) - loss(runs, "pedro", best, s) for s in (0, 1)])
+        assert section["variants"]["last"]["test_loss_vs_pedro"]["diffs"] == pytest.approx(
+            [loss(runs, "pedro", best, s) - loss(runs, "pedro", {**best, "pooling": "last"}, s)
+             for s in (0, 1)])
+    assert sec["effect_vs_main"]["pedro"]["test_loss"]["diffs"] == pytest.approx(
+        [loss(there, "pedro", best, s) - loss(here, "pedro", best, s) for s in (0, 1)])
+    assert sec["cpu"] == ["other cpu"]
+    assert "### toy: the runs made with bf16 GEMMs emulated" in report.markdown(rep)
+
+
 def test_task_tuned_on_another_runs_that_tasks_best_configs(tmp_path):
     short = toy_task(2)
     tuned = dataclasses.replace(toy_task(3), name="toy-long", tuned_on="toy")

@@ -25,6 +25,9 @@ separate (background) processes and survive interruption; runs of an earlier rev
 again, and the report shows PEDRO's earlier results until the rerun has as many seeds.
 quality.json / .md / .png are rebuilt from runs.jsonl after every invocation (and by --phase
 report).
+Runs made with other bf16 GEMM arithmetic (--bf16-gemm; a CPU without bf16 GEMMs) are another
+platform: the choices already made stand, but --phase final / variants make their runs again on
+it, and the report pairs runs of one platform only (bench/quality/store.py).
 """
 import argparse
 import dataclasses

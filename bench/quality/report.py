@@ -10,6 +10,11 @@ PEDRO is ahead.
 Each task is reported from the current revision of every method's training code
 (methods.recipe_revision), except PEDRO's where an earlier revision has final runs at more seeds
 (a rerun not finished): then the task says which revision it shows.
+
+Pairs never cross platforms (store.platform): a task's tables show the platform with the most
+final runs; runs made on another platform (replicates on a machine without bf16 GEMMs, say) get
+tables of their own, paired within it, and the platform's effect on a method: its result there
+minus its result on the main platform, same seeds.
 """
 import json
 import os
@@ -17,7 +22,7 @@ import statistics
 from typing import Dict, List, Optional
 
 from .methods import recipe_revision
-from .store import run_id
+from .store import NATIVE, platform, run_id
 
 METRICS = (("test_accuracy", +1), ("test_loss", -1))  # (key, sign that makes "ahead" positive)
 
@@ -44,6 +49,18 @@ def _pedro_final_seeds(study, task: str, runs: Dict[str, dict]) -> int:
                                       for r in runs.values())
 
 
+def _revision_view(study, records: Dict[str, dict], task: str, revision: int, tuned: int,
+                   on: Optional[str] = None) -> Dict[str, dict]:
+    """Study.view with PEDRO's runs of `revision`, and of `tuned` on the task the configuration
+    is taken from."""
+    source = study.tasks[task].tuned_on
+    runs = {k: r for k, r in study.view(records, pedro_revision=revision, on=on).items()
+            if r["task"] != source}
+    runs.update({k: r for k, r in study.view(records, pedro_revision=tuned, on=on).items()
+                 if r["task"] == source})
+    return runs
+
+
 def task_view(study, records: Dict[str, dict], task: str):
     """(the runs to report `task` from, the revision of PEDRO's code its runs hold, the revision
     of the sweep that chose their configuration): of PEDRO's revisions, the one whose final
@@ -57,10 +74,7 @@ def task_view(study, records: Dict[str, dict], task: str):
     choices = []
     for revision in range(1, current + 1):
         for tuned in (range(1, current + 1) if source else (revision,)):
-            runs = {k: r for k, r in study.view(records, pedro_revision=revision).items()
-                    if r["task"] != source}
-            runs.update({k: r for k, r in study.view(records, pedro_revision=tuned).items()
-                         if r["task"] == source})
+            runs = _revision_view(study, records, task, revision, tuned)
             n = _pedro_final_seeds(study, task, runs)
             choices.append(((n, revision, tuned == revision, tuned), runs, revision, tuned))
     _, runs, revision, tuned = max(choices, key=lambda c: c[0])
@@ -76,18 +90,70 @@ def _variant_runs(study, task: str, runs: Dict[str, dict], best: Dict) -> List[d
                   key=lambda r: (order.index(r["variant"]), r["seed"]))
 
 
+def _final_entry(seeds: Dict[int, dict], config: Dict) -> dict:
+    f = {"config": config, "seeds": sorted(seeds),
+         "trainable_params": next(iter(seeds.values()))["trainable_params"],
+         "adapter": next(iter(seeds.values())).get("adapter"),
+         "best_step": [seeds[s]["best_step"] for s in sorted(seeds)],
+         "steps": [seeds[s]["steps"] for s in sorted(seeds)]}
+    for key, _ in METRICS:
+        vals = [seeds[s][key] for s in sorted(seeds) if key in seeds[s]]
+        if vals:
+            f[key] = _mean_std(vals)
+    return f
+
+
+def _compare(study, task: str, runs: Dict[str, dict], bests: Dict[str, Dict]) -> dict:
+    """The final runs of each method's chosen configuration in `runs` (one platform's), PEDRO
+    paired against each other method, PEDRO's variants paired against PEDRO, and the vectors'
+    spread. The per-seed runs go under "_seeds" (dropped from quality.json)."""
+    out = {"final": {}, "paired_vs_pedro": {}, "variants": {}, "_seeds": {}}
+    for method, best in bests.items():
+        seeds = {r["seed"]: r for r in runs.values()
+                 if r["task"] == task and r["method"] == method and r["config"] == best}
+        if seeds:
+            out["_seeds"][method] = seeds
+            out["final"][method] = _final_entry(seeds, best)
+    finals = out["_seeds"]
+    variant_runs: List[dict] = []
+    if "pedro" in finals:
+        for method, seeds in finals.items():
+            if method != "pedro":
+                out["paired_vs_pedro"][method] = {
+                    key: p for key, sign in METRICS
+                    if (p := paired(finals["pedro"], seeds, key, sign)) is not None}
+    if "pedro" in bests:
+        variant_runs = _variant_runs(study, task, runs, bests["pedro"])
+    by_variant: Dict[str, Dict[int, dict]] = {}
+    for r in variant_runs:
+        by_variant.setdefault(r["variant"], {})[r["seed"]] = r
+    for name, seeds in by_variant.items():
+        v = {"config": seeds[min(seeds)]["config"], "seeds": sorted(seeds),
+             "trainable_params": next(iter(seeds.values()))["trainable_params"],
+             "best_step": [seeds[s]["best_step"] for s in sorted(seeds)]}
+        for key, sign in METRICS:
+            vals = [seeds[s][key] for s in sorted(seeds) if key in seeds[s]]
+            if vals:
+                v[key] = _mean_std(vals)
+                # variant minus the PEDRO recipe it modifies: positive = the variant is better
+                v[key + "_vs_pedro"] = paired(seeds, finals.get("pedro", {}), key, sign)
+        v["best_dev_loss"] = _mean_std([seeds[s]["best_dev_loss"] for s in sorted(seeds)])
+        out["variants"][name] = v
+    out["vector_spread"] = _spread_summary(finals.get("pedro", {}), variant_runs)
+    return out
+
+
 def build_report(study, records: Dict[str, dict], machine: dict) -> dict:
-    """records: every run of runs.jsonl (RunStore.load), of every revision."""
+    """records: every run of runs.jsonl (RunStore.load), of every revision and platform."""
     tasks = [t for t in study.tasks if any(r["task"] == t for r in records.values())]
     out = {"machine": machine, "settings": study.settings(), "tasks": {}}
     for task in tasks:
         runs, pedro_recipe, pedro_recipe_tuned = task_view(study, records, task)
-        t = {"zero_shot": runs.get(run_id(task, "base", {}, 0)), "sweep": {}, "final": {},
-             "paired_vs_pedro": {}, "variants": {}, "tuned_on": study.tasks[task].tuned_on,
+        t = {"zero_shot": runs.get(run_id(task, "base", {}, 0)), "sweep": {},
+             "tuned_on": study.tasks[task].tuned_on,
              "pedro_recipe": pedro_recipe, "pedro_recipe_tuned": pedro_recipe_tuned,
              "pedro_recipe_current": recipe_revision("pedro", {})}
-        finals: Dict[str, Dict[int, dict]] = {}
-        variant_runs: List[dict] = []
+        bests = {}
         for method in study.sweeps:
             configs, complete = study.sweep_configs(task, method, runs)
             rows = []
@@ -100,48 +166,33 @@ def build_report(study, records: Dict[str, dict], machine: dict) -> dict:
             best = study.best_config(task, method, runs)
             if rows:
                 t["sweep"][method] = {"complete": complete, "best_config": best, "runs": rows}
-            if best is None:
+            if best is not None:
+                bests[method] = best
+        on_task = {platform(r) for r in records.values() if r["task"] == task}
+        sections = {p: _compare(study, task, _revision_view(study, records, task, pedro_recipe,
+                                                             pedro_recipe_tuned, on=p), bests)
+                    for p in on_task}
+        main = max(sorted(on_task), key=lambda p: (sum(map(len, sections[p]["_seeds"].values())),
+                                                   p == NATIVE)) if on_task else NATIVE
+        home = sections.pop(main, None) or _compare(study, task, {}, bests)
+        t["platform"] = main
+        t["other_platforms"] = {}
+        for p, sec in sorted(sections.items()):
+            if not sec["final"] and not sec["variants"]:
                 continue
-            seeds = {r["seed"]: r for r in runs.values()
-                     if r["task"] == task and r["method"] == method and r["config"] == best}
-            if not seeds:
-                continue
-            finals[method] = seeds
-            f = {"config": best, "seeds": sorted(seeds),
-                 "trainable_params": next(iter(seeds.values()))["trainable_params"],
-                 "adapter": next(iter(seeds.values())).get("adapter"),
-                 "best_step": [seeds[s]["best_step"] for s in sorted(seeds)],
-                 "steps": [seeds[s]["steps"] for s in sorted(seeds)]}
-            for key, _ in METRICS:
-                vals = [seeds[s][key] for s in sorted(seeds) if key in seeds[s]]
-                if vals:
-                    f[key] = _mean_std(vals)
-            t["final"][method] = f
-        if "pedro" in finals:
-            for method, seeds in finals.items():
-                if method == "pedro":
-                    continue
-                t["paired_vs_pedro"][method] = {
-                    key: paired(finals["pedro"], seeds, key, sign) for key, sign in METRICS
-                    if paired(finals["pedro"], seeds, key, sign) is not None}
-            variant_runs = _variant_runs(study, task, runs, t["final"]["pedro"]["config"])
-            for r in variant_runs:
-                v = t["variants"].setdefault(r["variant"], {"config": r["config"], "seeds": {}})
-                v["seeds"][r["seed"]] = r
-            for name, v in t["variants"].items():
-                seeds = v.pop("seeds")
-                v["seeds"] = sorted(seeds)
-                v["trainable_params"] = next(iter(seeds.values()))["trainable_params"]
-                v["best_step"] = [seeds[s]["best_step"] for s in sorted(seeds)]
-                for key, sign in METRICS:
-                    vals = [seeds[s][key] for s in sorted(seeds) if key in seeds[s]]
-                    if vals:
-                        v[key] = _mean_std(vals)
-                        # variant minus the PEDRO recipe it modifies: positive = the variant is better
-                        v[key + "_vs_pedro"] = paired(seeds, finals["pedro"], key, sign)
-                v["best_dev_loss"] = _mean_std([seeds[s]["best_dev_loss"] for s in sorted(seeds)])
-        t["vector_spread"] = _spread_summary(finals.get("pedro", {}), variant_runs)
-        trained = [r for r in runs.values() if r["task"] == task and "best_step" in r]
+            sec["cpu"] = sorted({r.get("cpu") or "?" for r in records.values()
+                                 if r["task"] == task and platform(r) == p})
+            sec["effect_vs_main"] = {  # the same runs on this platform minus on the main one
+                m: {key: q for key, sign in METRICS
+                    if (q := paired(seeds, home["_seeds"].get(m, {}), key, sign)) is not None}
+                for m, seeds in sec["_seeds"].items()}
+            sec.pop("_seeds")
+            t["other_platforms"][p] = sec
+        home.pop("_seeds")
+        t.update(home)
+        trained = [r for p in on_task
+                   for r in _revision_view(study, records, task, pedro_recipe, pedro_recipe_tuned,
+                                           on=p).values() if r["task"] == task and "best_step" in r]
         t["best_step_check"] = {
             "runs": len(trained),
             "best_is_last": sum(r["best_is_last"] for r in trained),
@@ -195,11 +246,11 @@ def _fmt(ms: Optional[dict], digits=3) -> str:
     return f"{ms['mean']:.{digits}f}{std}"
 
 
-def _fmt_paired(p: Optional[dict]) -> str:
+def _fmt_paired(p: Optional[dict], flag: bool = True) -> str:
     if not p:
         return "-"
     se = f" ± {p['se']:.3f}" if p["se"] is not None else ""
-    flag = " **" if p["ahead_by_2se"] else ""
+    flag = " **" if flag and p["ahead_by_2se"] else ""
     return f"{p['mean']:+.3f}{se} (n={p['n']}){flag}"
 
 
@@ -223,43 +274,21 @@ def markdown(rep: dict) -> str:
         chosen = (f"its best configuration on {t['tuned_on']} (same data; chosen on the dev split "
                   f"there, no sweep of its own)" if t.get("tuned_on")
                   else "its best learning rate on the dev split")
-        lines += [f"Final (each method at {chosen}; mean ± std over seeds):", "",
-                  "| method | config | trainable params | test accuracy | test response loss | seeds | best step / steps |",
-                  "|---|---|---|---|---|---|---|"]
-        for m, f in t["final"].items():
-            bs = ", ".join(f"{b}/{s}" for b, s in zip(f["best_step"], f["steps"]))
-            lines.append(f"| {m} | {_cfg(f['config'])} | {f['trainable_params']:,d} | "
-                         f"{_fmt(f.get('test_accuracy'))} | {_fmt(f.get('test_loss'))} | "
-                         f"{len(f['seeds'])} | {bs} |")
-        if t["paired_vs_pedro"]:
-            lines += ["", "Paired difference, PEDRO ahead of each method (same seeds; mean ± standard "
-                      "error; accuracy: PEDRO − other, loss: other − PEDRO; ** = ahead by more than 2 SE):", "",
-                      "| other method | accuracy | response loss |", "|---|---|---|"]
-            for m, p in t["paired_vs_pedro"].items():
-                lines.append(f"| {m} | {_fmt_paired(p.get('test_accuracy'))} | "
-                             f"{_fmt_paired(p.get('test_loss'))} |")
-        if t["variants"]:
-            lines += ["", "PEDRO variants (one change to PEDRO's best configuration; paired against it, "
-                      "positive = the variant is better):", "",
-                      "| variant | overrides | params | test accuracy | test response loss | best dev loss | vs PEDRO: accuracy | vs PEDRO: loss |",
-                      "|---|---|---|---|---|---|---|---|"]
-            for name, v in t["variants"].items():
-                lines.append(f"| {name} | {_cfg(v['config'])} | {v['trainable_params']:,d} | "
-                             f"{_fmt(v.get('test_accuracy'))} | {_fmt(v.get('test_loss'))} | "
-                             f"{_fmt(v.get('best_dev_loss'))} | "
-                             f"{_fmt_paired(v.get('test_accuracy_vs_pedro'))} | "
-                             f"{_fmt_paired(v.get('test_loss_vs_pedro'))} |")
-        if t.get("vector_spread"):
-            lines += ["", "Is the prompt-dependent part used? RMS of the vectors' spread across one dev "
-                      "batch's prompts against the RMS of their static part b_up, mean over layers, "
-                      "at the best step:", "",
-                      "| configuration | seeds | spread across prompts | static part | spread / static | layer 0 spread / static |",
-                      "|---|---|---|---|---|---|"]
-            for name, d in t["vector_spread"].items():
-                l0 = (f"{d['spread_rms'][0]:.2e} / {d['static_rms'][0]:.2e}")
-                ratio = f"{d['ratio']:.3f}" if d["ratio"] is not None else "-"
-                lines.append(f"| {name} | {d['seeds']} | {d['mean_spread_rms']:.2e} | "
-                             f"{d['mean_static_rms']:.2e} | {ratio} | {l0} |")
+        lines += _compare_md(t, f"Final, {_gemm(t['platform'])} (each method at {chosen}; "
+                                f"mean ± std over seeds):")
+        for p, sec in t["other_platforms"].items():
+            lines += ["", f"### {task}: the runs made {_gemm(p)} ({', '.join(sec['cpu'])})", "",
+                      "Each pair below compares runs of this platform only.", ""]
+            lines += _compare_md(sec, "Final runs of the chosen configurations here (mean ± std "
+                                      "over seeds):")
+            if sec["effect_vs_main"]:
+                lines += ["", f"The platform's effect: a method's result here minus its result "
+                              f"{_gemm(t['platform'])}, same configuration and seeds (accuracy: "
+                              f"here − there, loss: there − here; positive = better here):", "",
+                          "| method | accuracy | response loss |", "|---|---|---|"]
+                for m, q in sec["effect_vs_main"].items():
+                    lines.append(f"| {m} | {_fmt_paired(q.get('test_accuracy'), flag=False)} | "
+                                 f"{_fmt_paired(q.get('test_loss'), flag=False)} |")
         if t["sweep"]:
             lines += ["", "Sweep (seed 0; selection by best dev loss):", "",
                       "| method | config | best dev loss | best step / steps | test accuracy | test loss |",
@@ -284,6 +313,56 @@ def markdown(rep: dict) -> str:
     return "\n".join(lines)
 
 
+def _gemm(p: str) -> str:
+    return {"bf16 native": "with bf16 GEMMs in hardware", "bf16 emulated":
+            "with bf16 GEMMs emulated around fp32 ones", "fp32": "in fp32"}.get(p, f"on {p}")
+
+
+def _compare_md(t: dict, title: str) -> List[str]:
+    """The final, paired, variant and spread tables of one platform's runs (_compare)."""
+    if not t["final"]:
+        lines = ["No final runs here yet: nothing to pair with."]
+    else:
+        lines = [title, "",
+                 "| method | config | trainable params | test accuracy | test response loss | seeds | best step / steps |",
+                 "|---|---|---|---|---|---|---|"]
+    for m, f in t["final"].items():
+        bs = ", ".join(f"{b}/{s}" for b, s in zip(f["best_step"], f["steps"]))
+        lines.append(f"| {m} | {_cfg(f['config'])} | {f['trainable_params']:,d} | "
+                     f"{_fmt(f.get('test_accuracy'))} | {_fmt(f.get('test_loss'))} | "
+                     f"{len(f['seeds'])} | {bs} |")
+    if t["paired_vs_pedro"]:
+        lines += ["", "Paired difference, PEDRO ahead of each method (same seeds; mean ± standard "
+                  "error; accuracy: PEDRO − other, loss: other − PEDRO; ** = ahead by more than 2 SE):", "",
+                  "| other method | accuracy | response loss |", "|---|---|---|"]
+        for m, p in t["paired_vs_pedro"].items():
+            lines.append(f"| {m} | {_fmt_paired(p.get('test_accuracy'))} | "
+                         f"{_fmt_paired(p.get('test_loss'))} |")
+    if t["variants"]:
+        lines += ["", "PEDRO variants (one change to PEDRO's best configuration; paired against it, "
+                  "positive = the variant is better):", "",
+                  "| variant | overrides | params | test accuracy | test response loss | best dev loss | vs PEDRO: accuracy | vs PEDRO: loss |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for name, v in t["variants"].items():
+            lines.append(f"| {name} | {_cfg(v['config'])} | {v['trainable_params']:,d} | "
+                         f"{_fmt(v.get('test_accuracy'))} | {_fmt(v.get('test_loss'))} | "
+                         f"{_fmt(v.get('best_dev_loss'))} | "
+                         f"{_fmt_paired(v.get('test_accuracy_vs_pedro'))} | "
+                         f"{_fmt_paired(v.get('test_loss_vs_pedro'))} |")
+    if t.get("vector_spread"):
+        lines += ["", "Is the prompt-dependent part used? RMS of the vectors' spread across one dev "
+                  "batch's prompts against the RMS of their static part b_up, mean over layers, "
+                  "at the best step:", "",
+                  "| configuration | seeds | spread across prompts | static part | spread / static | layer 0 spread / static |",
+                  "|---|---|---|---|---|---|"]
+        for name, d in t["vector_spread"].items():
+            l0 = (f"{d['spread_rms'][0]:.2e} / {d['static_rms'][0]:.2e}")
+            ratio = f"{d['ratio']:.3f}" if d["ratio"] is not None else "-"
+            lines.append(f"| {name} | {d['seeds']} | {d['mean_spread_rms']:.2e} | "
+                         f"{d['mean_static_rms']:.2e} | {ratio} | {l0} |")
+    return lines
+
+
 def _cfg(c: dict) -> str:
     return ", ".join(f"{k}={v}" for k, v in sorted(c.items())) or "-"
 
@@ -297,9 +376,12 @@ def plot(rep: dict, path: str) -> None:
     panels = []
     for task, t in rep["tasks"].items():
         for key, label in (("test_accuracy", "accuracy"), ("test_loss", "response loss")):
-            rows = [(f"PEDRO vs {m}", p[key]) for m, p in t["paired_vs_pedro"].items() if key in p]
-            rows += [(f"variant {n} vs PEDRO", v[key + "_vs_pedro"]) for n, v in t["variants"].items()
-                     if v.get(key + "_vs_pedro")]
+            rows = []
+            for where, sec in [("", t)] + [(f"[{p}] ", sec) for p, sec in t["other_platforms"].items()]:
+                rows += [(f"{where}PEDRO vs {m}", p[key]) for m, p in sec["paired_vs_pedro"].items()
+                         if key in p]
+                rows += [(f"{where}variant {n} vs PEDRO", v[key + "_vs_pedro"])
+                         for n, v in sec["variants"].items() if v.get(key + "_vs_pedro")]
             if rows:
                 panels.append((task, label, rows))
     if not panels:
@@ -310,7 +392,7 @@ def plot(rep: dict, path: str) -> None:
         ys = range(len(rows))
         means = [p["mean"] for _, p in rows]
         errs = [2 * p["se"] if p["se"] is not None else 0 for _, p in rows]
-        colors = ["C0" if n.startswith("PEDRO") else "C1" for n, _ in rows]
+        colors = ["C0" if "PEDRO vs" in n else "C1" for n, _ in rows]
         ax.barh(list(ys), means, xerr=errs, color=colors, capsize=3)
         for y, (_, p) in zip(ys, rows):
             ax.scatter(p["diffs"], [y] * len(p["diffs"]), color="k", s=8, zorder=3)

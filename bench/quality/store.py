@@ -3,7 +3,14 @@ task/method/config/seed and the revision of the method's training recipe (the fi
 1 when absent); a rerun of the study skips every run of the current revision already in the
 file (one of an earlier revision is run again, under its own id), so the study can be split by
 task and phase and survive interruption. Several processes may append at once
-(an exclusive lock around each line) and share the work (Claims)."""
+(an exclusive lock around each line) and share the work (Claims).
+
+A run's platform is the arithmetic of the base model's GEMMs it was made with (the record's
+"base_gemm": bf16 in hardware, bf16 emulated around fp32 GEMMs, fp32). Two platforms sum in a
+different order, and over a training run that moves a result as much as the effects the study
+measures, so the same run made on two platforms is two records (keyed by run id, suffixed
+'@<platform>' off the native platform), and paired differences compare runs of one platform only. Runs recorded before
+the field existed were all made with native bf16 GEMMs (CPUs with AVX512-BF16)."""
 import fcntl
 import json
 import os
@@ -16,6 +23,19 @@ def config_key(config: Dict) -> str:
         return "-"
     return ",".join(f"{k}={config[k]!r}" if isinstance(config[k], str) else f"{k}={config[k]}"
                     for k in sorted(config))
+
+
+NATIVE = "bf16 native"
+
+
+def platform(record: Dict) -> str:
+    """The platform of a record (or of a Study's run_info)."""
+    return record.get("base_gemm") or NATIVE
+
+
+def record_key(rid: str, on: str) -> str:
+    """The key of run `rid` made on platform `on` in RunStore.load()."""
+    return rid if on == NATIVE else f"{rid}@{on}"
 
 
 def run_id(task: str, method: str, config: Dict, seed: int, revision: int = 1) -> str:
@@ -32,6 +52,7 @@ class RunStore:
         self.fingerprints = fingerprints
 
     def load(self) -> Dict[str, dict]:
+        """{record_key: record}, in the order of the file."""
         runs = {}
         if not os.path.exists(self.path):
             return runs
@@ -48,7 +69,7 @@ class RunStore:
                     raise ValueError(
                         f"{self.path}:{n}: run {rec['run_id']} was made with other settings "
                         f"(fingerprint {rec.get('fingerprint')} != {want}); use another --out")
-                runs[rec["run_id"]] = rec
+                runs[record_key(rec["run_id"], platform(rec))] = rec
         return runs
 
     def append(self, record: Dict) -> None:

@@ -10,6 +10,12 @@ Phases, each resumable (finished runs are read from runs.jsonl and skipped):
 
 Runs made under an earlier revision of a method's training code (methods.recipe_revision) stay in
 runs.jsonl under their own ids, but the phases read only the current revision's: they are rerun.
+
+Platforms (store.platform: the arithmetic of the base model's GEMMs): the choices are made once,
+from the sweep's runs on whichever platform made them first, so replicating runs elsewhere never
+changes a choice. The runs that are paired (final seeds, variants, and PEDRO's best configuration
+at the variants' seeds, which they are paired against) belong to a platform: on a machine whose
+platform differs from the finished runs', the final and variants phases make them again there.
 """
 import hashlib
 import json
@@ -25,7 +31,7 @@ import torch
 from pedro_ext.train import TrainConfig, train
 
 from .methods import METHODS, build, recipe_revision, split_config, trainable_params
-from .store import Claims, RunStore, config_key, run_id
+from .store import Claims, RunStore, config_key, platform, record_key, run_id
 from .tasks import TaskSpec, dataset_of, load_splits, score_test_split
 
 # learning rates are swept on this ladder (half-decades), so an extension is one rung outward
@@ -73,6 +79,7 @@ class Study:
         self.load_model, self.model_name = load_model, model_name
         self.splits_loader, self.max_extend, self.log = splits_loader, max_extend, log
         self.run_info = dict(run_info or {})  # recorded with every run (machine, GEMM mode)
+        self.platform = platform(self.run_info)
         self.fingerprints = {name: self._fingerprint(spec) for name, spec in tasks.items()}
         self.store = RunStore(os.path.join(out, "runs.jsonl"), self.fingerprints)
         self.claims = Claims(os.path.join(out, "claims"))
@@ -98,22 +105,27 @@ class Study:
         return self._splits[task]
 
     # ------------------------------------------------------------------ selection
-    def view(self, records: Dict[str, dict], pedro_revision: Optional[int] = None) -> Dict[str, dict]:
+    def view(self, records: Dict[str, dict], pedro_revision: Optional[int] = None,
+             on: Optional[str] = None) -> Dict[str, dict]:
         """The runs the phases and the report read: {revision-free run id: record} for the
         records made under the current revision of their method's code (pedro_revision: PEDRO's
-        runs at that revision instead, for a report of results not yet rerun)."""
+        runs at that revision instead, for a report of results not yet rerun). on: the runs of
+        that platform only; None: each run's first record in runs.jsonl, whatever its platform
+        (what the choices are made from)."""
         out = {}
         for rec in records.values():
+            if on is not None and platform(rec) != on:
+                continue
             want = recipe_revision(rec["method"], rec["config"])
             if pedro_revision is not None and rec["method"] == "pedro" and want > 1:
                 want = pedro_revision
             if rec.get("recipe", 1) == want:
-                out[run_id(rec["task"], rec["method"], rec["config"], rec["seed"])] = rec
+                out.setdefault(run_id(rec["task"], rec["method"], rec["config"], rec["seed"]), rec)
         return out
 
-    def runs(self) -> Dict[str, dict]:
+    def runs(self, on: Optional[str] = None) -> Dict[str, dict]:
         """The current revision's finished runs (see view)."""
-        return self.view(self.store.load())
+        return self.view(self.store.load(), on=on)
 
     def fixed_config(self, task: str, method: str, runs: Dict[str, dict]) -> Optional[Dict]:
         """The method's fixed settings on `task`, inherited values resolved (None while the
@@ -217,7 +229,7 @@ class Study:
             return None
         if phase == "final":
             return [(best, seed, None) for seed in range(seeds)]
-        wanted = []
+        wanted = [(best, seed, None) for seed in range(variant_seeds)]  # what they are paired with
         for name, overrides in self.variants.items():
             config = {**best, **overrides}
             if config != best:  # (a variant equal to the best configuration is the base itself)
@@ -230,7 +242,7 @@ class Study:
         wanted = self._wanted(phase, task, method, seeds, variant_seeds)
         if wanted is None:
             return "wait"
-        runs = self.runs()
+        runs = self.runs() if phase == "sweep" else self.runs(on=self.platform)
         missing = [(c, s, v) for c, s, v in wanted if run_id(task, method, c, s) not in runs]
         if not missing:
             return "done"
@@ -247,9 +259,9 @@ class Study:
         if holder is not None:
             return False
         try:
-            if rid in self.store.load():  # finished since we looked
+            if record_key(rid, self.platform) in self.store.load():  # finished since we looked
                 return False
-            self.log(f"run  {rid} [{phase}] load {_loadavg()}")
+            self.log(f"run  {rid} [{phase}, {self.platform}] load {_loadavg()}")
             record = self.execute(task, method, config, seed)
             record.update(run_id=rid, recipe=revision, phase=phase, variant=variant)
             self.store.append(record)

@@ -140,8 +140,30 @@ def test_runs_on_another_platform_are_made_again_and_paired_within_it(tmp_path):
              for s in (0, 1)])
     assert sec["effect_vs_main"]["pedro"]["test_loss"]["diffs"] == pytest.approx(
         [loss(there, "pedro", best, s) - loss(here, "pedro", best, s) for s in (0, 1)])
+    def acc(runs, method, config, seed):
+        return runs[run_id("toy", method, config, seed)]["test_accuracy"]
+    assert sec["effect_vs_main"]["pedro"]["test_accuracy"]["diffs"] == pytest.approx(
+        [acc(here, "pedro", best, s) - acc(there, "pedro", best, s) for s in (0, 1)])
     assert sec["cpu"] == ["other cpu"]
     assert "### toy: the runs made with bf16 GEMMs emulated" in report.markdown(rep)
+
+    other.run_phase("final", ["toy"], list(SWEEPS), seeds=3, variant_seeds=2)
+    rep = report.build_report(native, native.store.load(), {})  # now the most final runs
+    t = rep["tasks"]["toy"]
+    assert t["platform"] == "bf16 emulated" and t["final"]["pedro"]["seeds"] == [0, 1, 2]
+    assert t["other_platforms"]["bf16 native"]["cpu"] == ["toy cpu"]
+    assert t["other_platforms"]["bf16 native"]["effect_vs_main"]["pedro"]["test_loss"]["diffs"] == \
+        pytest.approx([loss(here, "pedro", best, s) - loss(there, "pedro", best, s) for s in (0, 1)])
+
+    # a platform with a variant's run but no PEDRO run: nothing to pair it with, not the others'
+    copy = dict(next(r for r in lines(tmp_path) if r.get("variant") == "last"),
+                base_gemm="bf16 elsewhere")
+    with open(os.path.join(tmp_path, "runs.jsonl"), "a") as f:
+        f.write(json.dumps(copy) + "\n")
+    rep = report.build_report(native, native.store.load(), {})
+    alone = rep["tasks"]["toy"]["other_platforms"]["bf16 elsewhere"]
+    assert alone["final"] == {} and alone["variants"]["last"]["test_loss_vs_pedro"] is None
+    assert "no PEDRO runs here to pair them with" in report.markdown(rep)
 
 
 def test_task_tuned_on_another_runs_that_tasks_best_configs(tmp_path):
@@ -251,6 +273,27 @@ def test_runs_of_an_earlier_revision_are_rerun_and_reported_until_then(tmp_path)
     assert t["final"]["pedro"]["test_loss"]["all"] == [
         r["test_loss"] for r in sorted(rerun, key=lambda r: r["seed"]) if r["config"] == best]
     assert t["compute"]["runs"] == len(now) - 1  # every training run made (not the base model's)
+
+
+def test_each_platform_reports_the_revision_with_the_most_seeds_there(tmp_path):
+    """An earlier revision's results on one platform are not replaced by a rerun made on
+    another (the rerun is reported on its own platform)."""
+    study = _revision_study(tmp_path)
+    study.run_phases(["sweep", "final"], ["toy"], list(SWEEPS), seeds=2, variant_seeds=2)
+    _as_revision_1(tmp_path)
+    study.run_phase("sweep", ["toy"], list(SWEEPS), seeds=2, variant_seeds=2)  # rev 2, seed 0
+    other = Study(str(tmp_path), {"toy": toy_task()}, SWEEPS, study.variants,
+                  lambda: (tiny_model(), CharTokenizer()), "tiny llama", splits_loader=toy_splits,
+                  max_extend=0, log=lambda s: None, run_info={"base_gemm": "bf16 emulated"})
+    other.run_phase("final", ["toy"], list(SWEEPS), seeds=2, variant_seeds=2)
+    t = report.build_report(study, study.store.load(), {})["tasks"]["toy"]
+    assert t["platform"] == "bf16 native" and t["pedro_recipe"] == 1
+    assert t["final"]["pedro"]["seeds"] == [0, 1]
+    assert min(t["final"]["pedro"]["test_loss"]["all"]) > 10  # revision 1's
+    sec = t["other_platforms"]["bf16 emulated"]
+    assert sec["pedro_recipe"] == 2 and sec["final"]["pedro"]["seeds"] == [0, 1]
+    assert max(sec["final"]["pedro"]["test_loss"]["all"]) < 10
+    assert "pedro" not in sec["effect_vs_main"] and "lora-qv" in sec["effect_vs_main"]
 
 
 def test_variants_of_another_configuration_are_not_reported(tmp_path):

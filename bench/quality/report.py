@@ -43,10 +43,11 @@ def paired(a: Dict[int, dict], b: Dict[int, dict], key: str, sign: int) -> Optio
             "ahead_by_2se": (se is not None and statistics.mean(d) > 2 * se)}
 
 
-def _pedro_final_seeds(study, task: str, runs: Dict[str, dict]) -> int:
+def _pedro_final_seeds(study, task: str, runs: Dict[str, dict], counted: Dict[str, dict]) -> int:
+    """PEDRO's final seeds in `counted` at the configuration chosen from `runs`."""
     best = study.best_config(task, "pedro", runs)
     return 0 if best is None else sum(r["task"] == task and r["method"] == "pedro" and r["config"] == best
-                                      for r in runs.values())
+                                      for r in counted.values())
 
 
 def _revision_view(study, records: Dict[str, dict], task: str, revision: int, tuned: int,
@@ -61,12 +62,13 @@ def _revision_view(study, records: Dict[str, dict], task: str, revision: int, tu
     return runs
 
 
-def task_view(study, records: Dict[str, dict], task: str):
-    """(the runs to report `task` from, the revision of PEDRO's code its runs hold, the revision
-    of the sweep that chose their configuration): of PEDRO's revisions, the one whose final
-    runs have the most seeds, the newest on a tie (so a rerun replaces the earlier revision's
-    results once it has as many seeds). A task tuned on another may take its configuration
-    from that task's sweep at another revision than its own runs'."""
+def task_view(study, records: Dict[str, dict], task: str, on: Optional[str] = None):
+    """(the runs the configurations of `task` are chosen from, the revision of PEDRO's code to
+    report, the revision of the sweep that chose its configuration): of PEDRO's revisions, the
+    one whose final runs on platform `on` (None: any) have the most seeds, the newest on a tie
+    (so a rerun replaces the earlier revision's results once it has as many seeds). A task tuned
+    on another may take its configuration from that task's sweep at another revision than its
+    own runs'."""
     current = recipe_revision("pedro", {})
     if "pedro" not in study.sweeps:
         return study.view(records), current, current
@@ -75,7 +77,8 @@ def task_view(study, records: Dict[str, dict], task: str):
     for revision in range(1, current + 1):
         for tuned in (range(1, current + 1) if source else (revision,)):
             runs = _revision_view(study, records, task, revision, tuned)
-            n = _pedro_final_seeds(study, task, runs)
+            counted = runs if on is None else _revision_view(study, records, task, revision, tuned, on)
+            n = _pedro_final_seeds(study, task, runs, counted)
             choices.append(((n, revision, tuned == revision, tuned), runs, revision, tuned))
     _, runs, revision, tuned = max(choices, key=lambda c: c[0])
     return runs, revision, tuned
@@ -148,52 +151,57 @@ def build_report(study, records: Dict[str, dict], machine: dict) -> dict:
     tasks = [t for t in study.tasks if any(r["task"] == t for r in records.values())]
     out = {"machine": machine, "settings": study.settings(), "tasks": {}}
     for task in tasks:
-        runs, pedro_recipe, pedro_recipe_tuned = task_view(study, records, task)
+        # each platform at the revision of PEDRO's code with the most seeds there; the main
+        # platform (the task's tables) is the one with the most final runs, native on a tie
+        sections = {}
+        for p in {platform(r) for r in records.values() if r["task"] == task}:
+            chosen_from, revision, tuned = task_view(study, records, task, on=p)
+            bests = {m: b for m in study.sweeps
+                     if (b := study.best_config(task, m, chosen_from)) is not None}
+            sec = _compare(study, task, _revision_view(study, records, task, revision, tuned, on=p),
+                           bests)
+            sections[p] = (sec, chosen_from, revision, tuned)
+        main = max(sorted(sections), key=lambda p: (sum(map(len, sections[p][0]["_seeds"].values())),
+                                                     p == NATIVE))
+        home, runs, pedro_recipe, pedro_recipe_tuned = sections.pop(main)
         t = {"zero_shot": runs.get(run_id(task, "base", {}, 0)), "sweep": {},
-             "tuned_on": study.tasks[task].tuned_on,
+             "tuned_on": study.tasks[task].tuned_on, "platform": main,
              "pedro_recipe": pedro_recipe, "pedro_recipe_tuned": pedro_recipe_tuned,
-             "pedro_recipe_current": recipe_revision("pedro", {})}
-        bests = {}
+             "pedro_recipe_current": recipe_revision("pedro", {}), "other_platforms": {}}
         for method in study.sweeps:
             configs, complete = study.sweep_configs(task, method, runs)
             rows = []
             for c in configs:
                 r = runs.get(run_id(task, method, c, 0))
                 if r is not None:
-                    rows.append({k: r.get(k) for k in (
+                    rows.append({**{k: r.get(k) for k in (
                         "config", "best_dev_loss", "best_step", "steps", "test_loss",
-                        "test_accuracy", "trainable_params", "s_per_step")})
-            best = study.best_config(task, method, runs)
+                        "test_accuracy", "trainable_params", "s_per_step")}, "platform": platform(r)})
             if rows:
-                t["sweep"][method] = {"complete": complete, "best_config": best, "runs": rows}
-            if best is not None:
-                bests[method] = best
-        on_task = {platform(r) for r in records.values() if r["task"] == task}
-        sections = {p: _compare(study, task, _revision_view(study, records, task, pedro_recipe,
-                                                             pedro_recipe_tuned, on=p), bests)
-                    for p in on_task}
-        main = max(sorted(on_task), key=lambda p: (sum(map(len, sections[p]["_seeds"].values())),
-                                                   p == NATIVE)) if on_task else NATIVE
-        home = sections.pop(main, None) or _compare(study, task, {}, bests)
-        t["platform"] = main
-        t["other_platforms"] = {}
-        for p, sec in sorted(sections.items()):
+                t["sweep"][method] = {"complete": complete, "runs": rows,
+                                      "best_config": study.best_config(task, method, runs)}
+        for p, (sec, _, revision, _) in sorted(sections.items()):
             if not sec["final"] and not sec["variants"]:
                 continue
-            sec["cpu"] = sorted({r.get("cpu") or "?" for r in records.values()
+            sec["pedro_recipe"] = revision
+            sec["cpu"] = sorted({r.get("cpu") or "cpu not recorded" for r in records.values()
                                  if r["task"] == task and platform(r) == p})
             sec["effect_vs_main"] = {  # the same runs on this platform minus on the main one
                 m: {key: q for key, sign in METRICS
                     if (q := paired(seeds, home["_seeds"].get(m, {}), key, sign)) is not None}
-                for m, seeds in sec["_seeds"].items()}
+                for m, seeds in sec["_seeds"].items()
+                if sec["final"][m]["config"] == home["final"].get(m, {}).get("config")
+                and (m != "pedro" or revision == pedro_recipe)}
             sec.pop("_seeds")
             t["other_platforms"][p] = sec
         home.pop("_seeds")
         t.update(home)
-        trained = [r for p in on_task
-                   for r in _revision_view(study, records, task, pedro_recipe, pedro_recipe_tuned,
-                                           on=p).values() if r["task"] == task and "best_step" in r]
-        t["best_step_check"] = {
+        revisions = {main: (pedro_recipe, pedro_recipe_tuned),
+                     **{p: (revision, tuned) for p, (_, _, revision, tuned) in sections.items()}}
+        trained = [r for p, (revision, tuned) in revisions.items()
+                   for r in _revision_view(study, records, task, revision, tuned, on=p).values()
+                   if r["task"] == task and "best_step" in r]
+        t["best_step_check"] = {  # every platform's runs
             "runs": len(trained),
             "best_is_last": sum(r["best_is_last"] for r in trained),
             # how much the dev loss still fell over the last evaluation interval (0 when the
@@ -261,7 +269,8 @@ def markdown(rep: dict) -> str:
         z = t.get("zero_shot")
         if z:
             acc = f", accuracy {z['test_accuracy']:.3f}" if "test_accuracy" in z else ""
-            lines += [f"Untrained base model: response loss {z['test_loss']:.3f}{acc}.", ""]
+            lines += [f"Untrained base model ({_gemm(platform(z))}): response loss "
+                      f"{z['test_loss']:.3f}{acc}.", ""]
         now = t["pedro_recipe_current"]
         if t["pedro_recipe"] != now:
             lines += [f"PEDRO's runs here are of recipe revision {t['pedro_recipe']} "
@@ -276,9 +285,30 @@ def markdown(rep: dict) -> str:
                   else "its best learning rate on the dev split")
         lines += _compare_md(t, f"Final, {_gemm(t['platform'])} (each method at {chosen}; "
                                 f"mean ± std over seeds):")
+        if t["sweep"]:
+            lines += ["", "Sweep (seed 0; selection by best dev loss):", "",
+                      "| method | config | best dev loss | best step / steps | test accuracy | test loss |",
+                      "|---|---|---|---|---|---|"]
+            for m, s in t["sweep"].items():
+                for r in s["runs"]:
+                    mark = " (best)" if r["config"] == s["best_config"] else ""
+                    if r["platform"] != t["platform"]:
+                        mark += f" [{r['platform']}]"
+                    acc = f"{r['test_accuracy']:.3f}" if r.get("test_accuracy") is not None else "-"
+                    lines.append(f"| {m} | {_cfg(r['config'])}{mark} | {r['best_dev_loss']:.4f} | "
+                                 f"{r['best_step']}/{r['steps']} | {acc} | {r['test_loss']:.4f} |")
+        c, b = t["compute"], t["best_step_check"]
+        gains = ", ".join(f"{m} {g:.4f}" for m, g in b["last_interval_gain"].items())
+        if c["median_s_per_step"] is not None:  # some training run has finished
+            lines += ["", f"Best step = last step in {b['best_is_last']} of {b['runs']} training "
+                      f"runs (every platform's); median dev-loss decrease over the last evaluation "
+                      f"interval: {gains}. Compute: {c['runs']} runs, {c['train_s'] / 3600:.2f} h "
+                      f"of training, median {c['median_s_per_step']:.2f} s per step.", ""]
         for p, sec in t["other_platforms"].items():
-            lines += ["", f"### {task}: the runs made {_gemm(p)} ({', '.join(sec['cpu'])})", "",
-                      "Each pair below compares runs of this platform only.", ""]
+            lines += ([""] if lines[-1] else []) + [f"### {task}: the runs made {_gemm(p)} ({', '.join(sec['cpu'])})", "",
+                      "Each pair below compares runs of this platform only."
+                      + (f" PEDRO's runs here are of recipe revision {sec['pedro_recipe']}."
+                         if sec["pedro_recipe"] != t["pedro_recipe"] else ""), ""]
             lines += _compare_md(sec, "Final runs of the chosen configurations here (mean ± std "
                                       "over seeds):")
             if sec["effect_vs_main"]:
@@ -289,23 +319,7 @@ def markdown(rep: dict) -> str:
                 for m, q in sec["effect_vs_main"].items():
                     lines.append(f"| {m} | {_fmt_paired(q.get('test_accuracy'), flag=False)} | "
                                  f"{_fmt_paired(q.get('test_loss'), flag=False)} |")
-        if t["sweep"]:
-            lines += ["", "Sweep (seed 0; selection by best dev loss):", "",
-                      "| method | config | best dev loss | best step / steps | test accuracy | test loss |",
-                      "|---|---|---|---|---|---|"]
-            for m, s in t["sweep"].items():
-                for r in s["runs"]:
-                    mark = " (best)" if r["config"] == s["best_config"] else ""
-                    acc = f"{r['test_accuracy']:.3f}" if r.get("test_accuracy") is not None else "-"
-                    lines.append(f"| {m} | {_cfg(r['config'])}{mark} | {r['best_dev_loss']:.4f} | "
-                                 f"{r['best_step']}/{r['steps']} | {acc} | {r['test_loss']:.4f} |")
-        c, b = t["compute"], t["best_step_check"]
-        gains = ", ".join(f"{m} {g:.4f}" for m, g in b["last_interval_gain"].items())
-        if c["median_s_per_step"] is not None:  # some training run has finished
-            lines += ["", f"Best step = last step in {b['best_is_last']} of {b['runs']} training "
-                      f"runs; median dev-loss decrease over the last evaluation interval: {gains}. "
-                      f"Compute: {c['runs']} runs, {c['train_s'] / 3600:.2f} h of training, median "
-                      f"{c['median_s_per_step']:.2f} s per step.", ""]
+            lines.append("")
     m = rep["machine"]
     lines += [f"Machine: {m.get('cpu')}, {m.get('cpu_count')} cores shared with other jobs, "
               f"{m.get('threads')} torch thread(s) per process, torch {m.get('torch')}; "
@@ -339,8 +353,9 @@ def _compare_md(t: dict, title: str) -> List[str]:
             lines.append(f"| {m} | {_fmt_paired(p.get('test_accuracy'))} | "
                          f"{_fmt_paired(p.get('test_loss'))} |")
     if t["variants"]:
-        lines += ["", "PEDRO variants (one change to PEDRO's best configuration; paired against it, "
-                  "positive = the variant is better):", "",
+        pairing = ("paired against it, positive = the variant is better" if "pedro" in t["final"]
+                   else "no PEDRO runs here to pair them with")
+        lines += ["", f"PEDRO variants (one change to PEDRO's best configuration; {pairing}):", "",
                   "| variant | overrides | params | test accuracy | test response loss | best dev loss | vs PEDRO: accuracy | vs PEDRO: loss |",
                   "|---|---|---|---|---|---|---|---|"]
         for name, v in t["variants"].items():
@@ -377,7 +392,9 @@ def plot(rep: dict, path: str) -> None:
     for task, t in rep["tasks"].items():
         for key, label in (("test_accuracy", "accuracy"), ("test_loss", "response loss")):
             rows = []
-            for where, sec in [("", t)] + [(f"[{p}] ", sec) for p, sec in t["other_platforms"].items()]:
+            sections = [(t["platform"], t), *t["other_platforms"].items()]
+            for p, sec in sections:
+                where = f"[{p}] " if len(sections) > 1 else ""
                 rows += [(f"{where}PEDRO vs {m}", p[key]) for m, p in sec["paired_vs_pedro"].items()
                          if key in p]
                 rows += [(f"{where}variant {n} vs PEDRO", v[key + "_vs_pedro"])

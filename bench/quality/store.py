@@ -6,7 +6,7 @@ task and phase and survive interruption. Several processes may append at once
 (an exclusive lock around each line) and share the work (Claims).
 
 A run's platform is the arithmetic of the base model's GEMMs it was made with (the record's
-"base_gemm": bf16 in hardware, bf16 emulated around fp32 GEMMs, fp32). Two platforms sum in a
+"base_gemm": bf16 in hardware, or bf16 emulated around fp32 GEMMs). Two platforms sum in a
 different order, and over a training run that moves a result as much as the effects the study
 measures, so the same run made on two platforms is two records (keyed by run id, suffixed
 '@<platform>' off the native platform), and paired differences compare runs of one platform only. Runs recorded before

@@ -255,18 +255,20 @@ class Study:
         """Run one run unless it is finished or another worker holds it; True if it ran."""
         revision = recipe_revision(method, config)
         rid = run_id(task, method, config, seed, revision)
-        holder = self.claims.acquire(rid)
+        key = record_key(rid, self.platform)
+        holder = self.claims.acquire(key)
         if holder is not None:
             return False
-        try:
-            if record_key(rid, self.platform) in self.store.load():  # finished since we looked
+        try:  # finished since we looked (a sweep's run on any platform)
+            if key in self.store.load() or (
+                    phase == "sweep" and run_id(task, method, config, seed) in self.runs()):
                 return False
             self.log(f"run  {rid} [{phase}, {self.platform}] load {_loadavg()}")
             record = self.execute(task, method, config, seed)
             record.update(run_id=rid, recipe=revision, phase=phase, variant=variant)
             self.store.append(record)
         finally:
-            self.claims.release(rid)
+            self.claims.release(key)
         self.log(f"done {rid}: " + json.dumps({k: record[k] for k in (
             "best_dev_loss", "best_step", "steps", "test_loss", "test_accuracy", "s_per_step")
             if k in record}))

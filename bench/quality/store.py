@@ -9,8 +9,9 @@ A run's platform is the arithmetic of the base model's GEMMs it was made with (t
 "base_gemm": bf16 in hardware, or bf16 emulated around fp32 GEMMs). Two platforms sum in a
 different order, and over a training run that moves a result as much as the effects the study
 measures, so the same run made on two platforms is two records (keyed by run id, suffixed
-'@<platform>' off the native platform), and paired differences compare runs of one platform only. Runs recorded before
-the field existed were all made with native bf16 GEMMs (CPUs with AVX512-BF16)."""
+'@<platform>' off the native platform), and paired differences compare runs of one platform
+only. Runs recorded before the field existed were all made with native bf16 GEMMs (CPUs with
+AVX512-BF16)."""
 import fcntl
 import json
 import os

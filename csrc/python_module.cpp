@@ -9,6 +9,8 @@ PYBIND11_MODULE(_C, m) {
   m.def("set_cuda_index_checks", &pedro_ext::set_cuda_index_checks_enabled,
         "Enable/disable the host-side index-range check (one sync) of the CUDA ops");
   m.def("cuda_index_checks", &pedro_ext::cuda_index_checks_enabled);
+  m.def("cpu_kernel_isa", &pedro_ext::cpu_kernel_isa,
+        "Instruction set of the CPU elementwise loops picked for this CPU: avx2 or baseline");
 #ifdef PEDRO_EXT_WITH_CUDA
   m.attr("with_cuda") = true;
   m.attr("cuda_arch_list") = PEDRO_EXT_CUDA_ARCHS;

@@ -13,7 +13,8 @@ except ImportError as exc:  # pragma: no cover - exercised only on a broken inst
 
 
 def build_info() -> dict:
-    """torch version, whether the CUDA kernels were compiled and for which architectures."""
+    """torch version, whether the CUDA kernels were compiled and for which architectures, and
+    the instruction set the CPU kernels' elementwise loops run with on this CPU."""
     archs = [a for a in _C.cuda_arch_list.replace(",", ";").split(";") if a]
     return {
         "torch": torch.__version__,
@@ -21,6 +22,7 @@ def build_info() -> dict:
         "cuda_kernels": bool(_C.with_cuda),
         "cuda_archs": archs,
         "cuda_available": torch.cuda.is_available(),
+        "cpu_kernel_isa": _C.cpu_kernel_isa(),
     }
 
 

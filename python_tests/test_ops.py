@@ -1,5 +1,8 @@
 """The op layer against the pure-PyTorch reference (computed in float64), on the CPU, plus
 gradcheck, opcheck, torch.compile and bad-input checks."""
+import os
+import platform
+
 import pytest
 import torch
 
@@ -562,6 +565,16 @@ def test_build_info():
     assert isinstance(info["cuda_kernels"], bool)
     if info["cuda_kernels"]:
         assert info["cuda_archs"]
+
+
+@pytest.mark.skipif(platform.machine() != "x86_64" or not os.path.exists("/proc/cpuinfo"),
+                    reason="reads the x86 feature flags from /proc/cpuinfo")
+def test_cpu_kernels_use_avx2_where_the_cpu_has_it():
+    # Every AVX2 CPU, Intel or AMD, runs the AVX2 clone of the elementwise loops (an arch= clone
+    # was resolved by CPU model and left AMD machines on the SSE2 one).
+    with open("/proc/cpuinfo") as f:
+        flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+    assert pedro_ext.build_info()["cpu_kernel_isa"] == ("avx2" if "avx2" in flags else "baseline")
 
 
 # ----------------------------------------------------------------------- invalid ids

@@ -10,6 +10,7 @@ import time
 import pytest
 import torch
 
+import pedro_ext
 from pedro_ext.bench import PRESETS
 from pedro_ext.bench.report import _targets, console_report, markdown, markers, ms
 from pedro_ext.bench.sanity import MIN_MS, flag_rows, refusal, weight_floor_ms
@@ -329,3 +330,15 @@ def test_profile_table_device_total_counts_each_kernel_once():
     assert "| `modulate_` | - | 0.200 / 0.500 (2) |" in text
     assert text.splitlines()[-1] == \
         "| all operators (device: every kernel once) | 1.100 / 5.000 | 1.200 / 5.500 |"
+
+
+def test_report_header_names_the_cpu_loops_in_use():
+    """A CPU figure depends on which clone of the kernels' loops ran: the header says it."""
+    from pedro_ext.bench.report import _header
+    from pedro_ext.bench.runner import machine_info
+    summary = dict(preset="tiny", dtype="float32", copy_gbs=1.0)
+    machine = machine_info(torch.device("cpu"))
+    isa = pedro_ext.build_info()["cpu_kernel_isa"]
+    assert f"pedro_ext CPU loops {isa};" in _header(dict(machine=machine, summary=summary))
+    del machine["pedro_ext"]["cpu_kernel_isa"]  # a result written before it was recorded
+    assert "CPU loops" not in _header(dict(machine=machine, summary=summary))

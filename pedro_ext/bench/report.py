@@ -162,9 +162,11 @@ def _header(result: dict) -> str:
     m, s = result["machine"], result["summary"]
     load = m.get("load_average_at_start")
     load = f", load average {load[0]:.1f} at start" if load else ""
+    isa = (m.get("pedro_ext") or {}).get("cpu_kernel_isa")  # (absent from older results)
+    isa = f", pedro_ext CPU loops {isa}" if isa and m["device"] == "cpu" else ""
     return (f"machine: {m['device_name']} ({m['device']}), {m['cpu_count']} CPUs, torch "
-            f"{m['torch']} with {m.get('torch_threads', '?')} threads{load}; preset {s['preset']}, "
-            f"{s['dtype']}; copy bandwidth {s.get('copy_gbs', float('nan')):.1f} GB/s (256 MiB, "
+            f"{m['torch']} with {m.get('torch_threads', '?')} threads{load}{isa}; preset "
+            f"{s['preset']}, {s['dtype']}; copy bandwidth {s.get('copy_gbs', float('nan')):.1f} GB/s (256 MiB, "
             f"median)")
 
 

@@ -342,3 +342,18 @@ def test_report_header_names_the_cpu_loops_in_use():
     assert f"pedro_ext CPU loops {isa};" in _header(dict(machine=machine, summary=summary))
     del machine["pedro_ext"]["cpu_kernel_isa"]  # a result written before it was recorded
     assert "CPU loops" not in _header(dict(machine=machine, summary=summary))
+
+
+def test_cpu_isa_ab_pairs_the_trees_per_round():
+    """bench/cpu_isa_ab.py: each figure's median and range over rounds per tree, and the ratio of
+    the two trees' times taken within each round (not a ratio of medians)."""
+    from bench.cpu_isa_ab import markdown, summarise
+    fig = lambda us: {"k": {"pedro_ext_us": us, "torch_us": 1.0}}
+    rounds = [{"a": {"figures": fig(a)}, "b": {"figures": fig(b)}}
+              for a, b in ((2.0, 1.0), (9.0, 10.0), (3.0, 4.0))]
+    row = summarise(["a", "b"], rounds)["k"]
+    assert row["a pedro_ext_us"] == {"median": 3.0, "min": 2.0, "max": 9.0}
+    assert row["a / b time"] == {"median": 0.9, "min": 0.75, "max": 2.0}  # medians' ratio: 0.75
+    text = markdown(dict(trees=["a", "b"], rounds=3, machine="m", isa={"a": "x", "b": "y"},
+                         table={"k": row}))
+    assert "| k | 3.00 (2.00-9.00) | 4.00 (1.00-10.00) | 0.90 (0.75-2.00) | 1.00 / 1.00 |" in text

@@ -1,0 +1,154 @@
+"""Two builds of pedro_ext's CPU kernels timed against each other on the ops of a decoding step.
+
+    python -m bench.cpu_isa_ab --tree old=/path/to/old/checkout --tree new=. --rounds 8 \\
+        --out bench/results/cpu-2core/isa-ab
+
+Each tree is a source checkout with its extension built in place (two builds of the same ops
+cannot share a process, since both register torch.ops.pedro_ext). Every round runs one worker
+process per tree, in ABBA order over rounds so that drift falls on both alike; a worker times
+the per-token ops at SmolLM2-135M's decode shapes (Q 576, V 192, FFN-up 1536 wide; one token
+per request), with torch's own eager ops on the same tensors as a yardstick, and prints per-call
+medians. Inputs rotate over 128 sets (at B = 32 up to 75 MB) so that, as in a decoding step
+whose weights evict them, the vectors come from memory. Reported: each figure's median over
+rounds with its range, and the trees' ratio per round.
+"""
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+WIDTHS = {"q (modulate_)": 576, "v (modulate_)": 192, "up (act_mul_modulate)": 1536}
+BATCHES = (1, 8, 32)
+SETS = 128
+
+
+def _time_calls(fn, sets, calls=256, repeats=9):
+    """Median over repeats of the mean time per call (us), each call on the next input set."""
+    per_call = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        for i in range(calls):
+            fn(*sets[i % len(sets)])
+        per_call.append((time.perf_counter() - start) / calls * 1e6)
+    return statistics.median(per_call)
+
+
+def worker() -> dict:
+    import torch
+    import torch.nn.functional as F
+
+    import pedro_ext  # noqa: F401  (registers the ops)
+    torch.set_num_threads(1)
+    ops = torch.ops.pedro_ext
+    out = {"cpu_kernel_isa": pedro_ext.build_info().get("cpu_kernel_isa", "not reported"),
+           "figures": {}}
+    gen = torch.Generator().manual_seed(0)
+    for name, width in WIDTHS.items():
+        for b in BATCHES:
+            # vectors of ones keep the in-place products from drifting into denormals
+            sets = [(torch.randn(b, 1, width, generator=gen),
+                     torch.randn(b, 1, width, generator=gen), torch.ones(b, width))
+                    for _ in range(SETS)]
+            if name.startswith("up"):
+                ours = lambda g, u, v: ops.act_mul_modulate(g, u, v, None, "silu", False)
+                torch_ops = lambda g, u, v: F.silu(g) * u * v.unsqueeze(1)
+            else:
+                ours = lambda y, _, v: ops.modulate_(y, v, None, False)
+                torch_ops = lambda y, _, v: y.mul_(v.unsqueeze(1))
+            for fn in (ours, torch_ops):  # warm-up
+                _time_calls(fn, sets, calls=SETS, repeats=1)
+            out["figures"][f"{name} B={b}"] = {"pedro_ext_us": _time_calls(ours, sets),
+                                               "torch_us": _time_calls(torch_ops, sets)}
+    return out
+
+
+def run_worker(tree: str) -> dict:
+    env = dict(os.environ, PYTHONPATH=os.path.abspath(tree), OMP_NUM_THREADS="1")
+    # this file runs the worker, so the other tree needs no copy of it
+    proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--worker"], env=env,
+                          cwd=os.path.abspath(tree), capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        raise SystemExit(f"worker for tree {tree} failed:\n{proc.stderr[-2000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def summarise(names, rounds) -> dict:
+    figures = rounds[0][names[0]]["figures"]
+    table = {}
+    for key in figures:
+        row = {}
+        for n in names:
+            for field in ("pedro_ext_us", "torch_us"):
+                vals = [r[n]["figures"][key][field] for r in rounds]
+                row[f"{n} {field}"] = {"median": statistics.median(vals), "min": min(vals),
+                                       "max": max(vals)}
+        a, b = names
+        ratios = [r[a]["figures"][key]["pedro_ext_us"] / r[b]["figures"][key]["pedro_ext_us"]
+                  for r in rounds]
+        row[f"{a} / {b} time"] = {"median": statistics.median(ratios), "min": min(ratios),
+                                  "max": max(ratios)}
+        table[key] = row
+    return table
+
+
+def markdown(result: dict) -> str:
+    a, b = result["trees"]
+    lines = [f"Per-call time (us) of the per-token ops at SmolLM2-135M decode shapes, median over "
+             f"{result['rounds']} rounds (range); machine: {result['machine']}; {a}: CPU loops "
+             f"{result['isa'][a]}, {b}: CPU loops {result['isa'][b]}; torch's eager ops on the "
+             f"same tensors in each tree's process as a yardstick.", "",
+             f"| op, batch | {a} | {b} | {a} / {b} time | torch eager ({a} / {b} process) |",
+             "|---|---|---|---|---|"]
+    fmt = lambda d: f"{d['median']:.2f} ({d['min']:.2f}-{d['max']:.2f})"
+    for key, row in result["table"].items():
+        lines.append(f"| {key} | {fmt(row[f'{a} pedro_ext_us'])} | {fmt(row[f'{b} pedro_ext_us'])}"
+                     f" | {fmt(row[f'{a} / {b} time'])} | {row[f'{a} torch_us']['median']:.2f} / "
+                     f"{row[f'{b} torch_us']['median']:.2f} |")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(prog="python -m bench.cpu_isa_ab", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--tree", action="append", default=[], metavar="NAME=PATH",
+                    help="a checkout with its extension built in place; exactly two")
+    ap.add_argument("--rounds", type=int, default=8)
+    ap.add_argument("--out", default=None, help="write DIR/ab.json and DIR/ab.md")
+    args = ap.parse_args(argv)
+    if args.worker:
+        print(json.dumps(worker()))
+        return
+    trees = dict(t.split("=", 1) for t in args.tree)
+    if len(trees) != 2 or any(not os.path.isdir(p) for p in trees.values()):
+        raise SystemExit(f"--tree NAME=PATH must be given twice, with two names and existing "
+                         f"checkouts, got "
+                         f"{args.tree}")
+    names = list(trees)
+    rounds = []
+    for i in range(args.rounds):
+        order = names if i % 4 in (0, 3) else names[::-1]  # ABBA BAAB ...
+        rounds.append({n: run_worker(trees[n]) for n in order})
+        print(f"round {i + 1}/{args.rounds} done", flush=True)
+    from pedro_ext.bench.runner import cpu_name
+    load = os.getloadavg()[0]
+    result = {"trees": names, "paths": trees, "rounds": args.rounds,
+              "machine": f"{cpu_name()}, {os.cpu_count()} CPUs, 1 torch thread, load average "
+                         f"{load:.1f} at the end",
+              "isa": {n: rounds[0][n]["cpu_kernel_isa"] for n in names},
+              "table": summarise(names, rounds), "per_round": rounds}
+    text = markdown(result)
+    print(text)
+    if args.out:
+        os.makedirs(args.out, exist_ok=True)
+        with open(os.path.join(args.out, "ab.json"), "w") as f:
+            json.dump(result, f, indent=1)
+        with open(os.path.join(args.out, "ab.md"), "w") as f:
+            f.write(text + "\n")
+
+
+if __name__ == "__main__":
+    main()

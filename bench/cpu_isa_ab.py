@@ -8,9 +8,10 @@ cannot share a process, since both register torch.ops.pedro_ext). Every round ru
 process per tree, in ABBA order over rounds so that drift falls on both alike; a worker times
 the per-token ops at SmolLM2-135M's decode shapes (Q 576, V 192, FFN-up 1536 wide; one token
 per request), with torch's own eager ops on the same tensors as a yardstick, and prints per-call
-medians. Inputs rotate over 128 sets (at B = 32 up to 75 MB) so that, as in a decoding step
-whose weights evict them, the vectors come from memory. Reported: each figure's median over
-rounds with its range, and the trees' ratio per round.
+medians. Each call takes the next of enough input sets to fill 128 MiB (four times this VM's
+32 MiB L3) so that, as in a decoding step whose weights evict them, its inputs come from memory.
+Reported: each figure's median over rounds with its range, and the trees' ratio per round with
+the number of rounds in which the first tree was the slower.
 """
 import argparse
 import json
@@ -22,16 +23,17 @@ import time
 
 WIDTHS = {"q (modulate_)": 576, "v (modulate_)": 192, "up (act_mul_modulate)": 1536}
 BATCHES = (1, 8, 32)
-SETS = 128
+INPUT_BYTES = 128 * 2 ** 20
 
 
 def _time_calls(fn, sets, calls=256, repeats=9):
     """Median over repeats of the mean time per call (us), each call on the next input set."""
-    per_call = []
+    per_call, i = [], 0
     for _ in range(repeats):
         start = time.perf_counter()
-        for i in range(calls):
+        for _ in range(calls):
             fn(*sets[i % len(sets)])
+            i += 1
         per_call.append((time.perf_counter() - start) / calls * 1e6)
     return statistics.median(per_call)
 
@@ -40,39 +42,58 @@ def worker() -> dict:
     import torch
     import torch.nn.functional as F
 
-    import pedro_ext  # noqa: F401  (registers the ops)
+    import pedro_ext  # (registers the ops)
     torch.set_num_threads(1)
     ops = torch.ops.pedro_ext
     out = {"cpu_kernel_isa": pedro_ext.build_info().get("cpu_kernel_isa", "not reported"),
-           "figures": {}}
+           "pedro_ext_file": os.path.realpath(pedro_ext._C.__file__), "figures": {}}
     gen = torch.Generator().manual_seed(0)
     for name, width in WIDTHS.items():
         for b in BATCHES:
+            fused = name.startswith("up")
+            shape = (b, 1, width)
+            n_sets = -(-INPUT_BYTES // ((3 if fused else 2) * b * width * 4))
             # vectors of ones keep the in-place products from drifting into denormals
-            sets = [(torch.randn(b, 1, width, generator=gen),
-                     torch.randn(b, 1, width, generator=gen), torch.ones(b, width))
-                    for _ in range(SETS)]
-            if name.startswith("up"):
+            if fused:
+                sets = [(torch.randn(shape, generator=gen), torch.randn(shape, generator=gen),
+                         torch.ones(b, width)) for _ in range(n_sets)]
                 ours = lambda g, u, v: ops.act_mul_modulate(g, u, v, None, "silu", False)
                 torch_ops = lambda g, u, v: F.silu(g) * u * v.unsqueeze(1)
             else:
-                ours = lambda y, _, v: ops.modulate_(y, v, None, False)
-                torch_ops = lambda y, _, v: y.mul_(v.unsqueeze(1))
+                sets = [(torch.randn(shape, generator=gen), torch.ones(b, width))
+                        for _ in range(n_sets)]
+                ours = lambda y, v: ops.modulate_(y, v, None, False)
+                torch_ops = lambda y, v: y.mul_(v.unsqueeze(1))
             for fn in (ours, torch_ops):  # warm-up
-                _time_calls(fn, sets, calls=SETS, repeats=1)
+                _time_calls(fn, sets, repeats=1)
             out["figures"][f"{name} B={b}"] = {"pedro_ext_us": _time_calls(ours, sets),
                                                "torch_us": _time_calls(torch_ops, sets)}
+            del sets
     return out
 
 
 def run_worker(tree: str) -> dict:
-    env = dict(os.environ, PYTHONPATH=os.path.abspath(tree), OMP_NUM_THREADS="1")
+    tree = os.path.realpath(tree)
+    path = os.pathsep.join(p for p in (tree, os.environ.get("PYTHONPATH")) if p)
+    env = dict(os.environ, PYTHONPATH=path, OMP_NUM_THREADS="1")
     # this file runs the worker, so the other tree needs no copy of it
     proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--worker"], env=env,
-                          cwd=os.path.abspath(tree), capture_output=True, text=True, check=False)
+                          cwd=tree, capture_output=True, text=True, check=False, timeout=1800)
     if proc.returncode != 0:
         raise SystemExit(f"worker for tree {tree} failed:\n{proc.stderr[-2000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    if not out["pedro_ext_file"].startswith(tree + os.sep):
+        raise SystemExit(f"the worker for tree {tree} imported {out['pedro_ext_file']}, another "
+                         f"build: is the extension built in place there?")
+    return out
+
+
+def commit_of(tree: str) -> str:
+    proc = subprocess.run(["git", "-C", tree, "rev-parse", "HEAD"], capture_output=True,
+                          text=True, check=False)
+    dirty = subprocess.run(["git", "-C", tree, "status", "--porcelain", "--untracked-files=no"],
+                           capture_output=True, text=True, check=False).stdout.strip()
+    return (proc.stdout.strip() or "unknown") + (" (with uncommitted changes)" if dirty else "")
 
 
 def summarise(names, rounds) -> dict:
@@ -89,7 +110,7 @@ def summarise(names, rounds) -> dict:
         ratios = [r[a]["figures"][key]["pedro_ext_us"] / r[b]["figures"][key]["pedro_ext_us"]
                   for r in rounds]
         row[f"{a} / {b} time"] = {"median": statistics.median(ratios), "min": min(ratios),
-                                  "max": max(ratios)}
+                                  "max": max(ratios), "rounds_slower": sum(r > 1 for r in ratios)}
         table[key] = row
     return table
 
@@ -98,14 +119,16 @@ def markdown(result: dict) -> str:
     a, b = result["trees"]
     lines = [f"Per-call time (us) of the per-token ops at SmolLM2-135M decode shapes, median over "
              f"{result['rounds']} rounds (range); machine: {result['machine']}; {a}: CPU loops "
-             f"{result['isa'][a]}, {b}: CPU loops {result['isa'][b]}; torch's eager ops on the "
-             f"same tensors in each tree's process as a yardstick.", "",
-             f"| op, batch | {a} | {b} | {a} / {b} time | torch eager ({a} / {b} process) |",
-             "|---|---|---|---|---|"]
+             f"{result['isa'][a]} (commit {result['commits'][a]}), {b}: CPU loops "
+             f"{result['isa'][b]} (commit {result['commits'][b]}); torch's eager ops on the same "
+             f"tensors in each tree's process as a yardstick.", "",
+             f"| op, batch | {a} | {b} | {a} / {b} time | rounds {a} slower | torch eager ({a} / "
+             f"{b} process) |", "|---|---|---|---|---|---|"]
     fmt = lambda d: f"{d['median']:.2f} ({d['min']:.2f}-{d['max']:.2f})"
     for key, row in result["table"].items():
         lines.append(f"| {key} | {fmt(row[f'{a} pedro_ext_us'])} | {fmt(row[f'{b} pedro_ext_us'])}"
-                     f" | {fmt(row[f'{a} / {b} time'])} | {row[f'{a} torch_us']['median']:.2f} / "
+                     f" | {fmt(row[f'{a} / {b} time'])} | {row[f'{a} / {b} time']['rounds_slower']}"
+                     f" of {result['rounds']} | {row[f'{a} torch_us']['median']:.2f} / "
                      f"{row[f'{b} torch_us']['median']:.2f} |")
     return "\n".join(lines)
 
@@ -122,11 +145,10 @@ def main(argv=None):
     if args.worker:
         print(json.dumps(worker()))
         return
-    trees = dict(t.split("=", 1) for t in args.tree)
-    if len(trees) != 2 or any(not os.path.isdir(p) for p in trees.values()):
+    trees = dict(t.split("=", 1) for t in args.tree if "=" in t)
+    if len(trees) != 2 or len(args.tree) != 2 or any(not os.path.isdir(p) for p in trees.values()):
         raise SystemExit(f"--tree NAME=PATH must be given twice, with two names and existing "
-                         f"checkouts, got "
-                         f"{args.tree}")
+                         f"checkouts, got {args.tree}")
     names = list(trees)
     rounds = []
     for i in range(args.rounds):
@@ -139,6 +161,7 @@ def main(argv=None):
               "machine": f"{cpu_name()}, {os.cpu_count()} CPUs, 1 torch thread, load average "
                          f"{load:.1f} at the end",
               "isa": {n: rounds[0][n]["cpu_kernel_isa"] for n in names},
+              "commits": {n: commit_of(trees[n]) for n in names},
               "table": summarise(names, rounds), "per_round": rounds}
     text = markdown(result)
     print(text)

@@ -81,8 +81,10 @@ void check_index_ranges(const char* op, std::initializer_list<IdRange> ranges);
 // Whether CUDA ops verify index ranges on the host (a sync). Never done during graph capture.
 bool cuda_index_checks_enabled();
 void set_cuda_index_checks_enabled(bool enabled);
-// The instruction set of the CPU elementwise loops chosen at load time: "avx2" or "baseline".
+// The instruction set of the CPU elementwise loops chosen at load time: "avx2" or "baseline";
+// whether this build has clones to choose from at all (GCC on x86-64).
 const char* cpu_kernel_isa();
+bool cpu_kernel_clones();
 
 // Element stride between consecutive rows of t ([S, D] or [B, T, D]) viewed as [S, D] without
 // a copy, or -1 when its rows are not evenly spaced with unit inner stride.

@@ -11,6 +11,8 @@ PYBIND11_MODULE(_C, m) {
   m.def("cuda_index_checks", &pedro_ext::cuda_index_checks_enabled);
   m.def("cpu_kernel_isa", &pedro_ext::cpu_kernel_isa,
         "Instruction set of the CPU elementwise loops picked for this CPU: avx2 or baseline");
+  m.def("cpu_kernel_clones", &pedro_ext::cpu_kernel_clones,
+        "Whether this build has per-instruction-set clones of the CPU loops (GCC, x86-64)");
 #ifdef PEDRO_EXT_WITH_CUDA
   m.attr("with_cuda") = true;
   m.attr("cuda_arch_list") = PEDRO_EXT_CUDA_ARCHS;

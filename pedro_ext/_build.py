@@ -13,8 +13,9 @@ except ImportError as exc:  # pragma: no cover - exercised only on a broken inst
 
 
 def build_info() -> dict:
-    """torch version, whether the CUDA kernels were compiled and for which architectures, and
-    the instruction set the CPU kernels' elementwise loops run with on this CPU."""
+    """torch version, whether the CUDA kernels were compiled and for which architectures, the
+    instruction set the CPU kernels' elementwise loops run with on this CPU, and whether the
+    build could choose one (GCC builds on x86-64 have an AVX2 and a baseline clone)."""
     archs = [a for a in _C.cuda_arch_list.replace(",", ";").split(";") if a]
     return {
         "torch": torch.__version__,
@@ -23,6 +24,7 @@ def build_info() -> dict:
         "cuda_archs": archs,
         "cuda_available": torch.cuda.is_available(),
         "cpu_kernel_isa": _C.cpu_kernel_isa(),
+        "cpu_kernel_clones": _C.cpu_kernel_clones(),
     }
 
 

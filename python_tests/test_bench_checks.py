@@ -353,7 +353,9 @@ def test_cpu_isa_ab_pairs_the_trees_per_round():
               for a, b in ((2.0, 1.0), (9.0, 10.0), (3.0, 4.0))]
     row = summarise(["a", "b"], rounds)["k"]
     assert row["a pedro_ext_us"] == {"median": 3.0, "min": 2.0, "max": 9.0}
-    assert row["a / b time"] == {"median": 0.9, "min": 0.75, "max": 2.0}  # medians' ratio: 0.75
+    # (the ratio of the medians would be 0.75)
+    assert row["a / b time"] == {"median": 0.9, "min": 0.75, "max": 2.0, "rounds_slower": 1}
     text = markdown(dict(trees=["a", "b"], rounds=3, machine="m", isa={"a": "x", "b": "y"},
-                         table={"k": row}))
-    assert "| k | 3.00 (2.00-9.00) | 4.00 (1.00-10.00) | 0.90 (0.75-2.00) | 1.00 / 1.00 |" in text
+                         commits={"a": "c1", "b": "c2"}, table={"k": row}))
+    assert ("| k | 3.00 (2.00-9.00) | 4.00 (1.00-10.00) | 0.90 (0.75-2.00) | 1 of 3 | "
+            "1.00 / 1.00 |") in text and "(commit c1)" in text

@@ -23,11 +23,13 @@ namespace {
 // The extension is built for baseline x86-64 (torch builds its own kernels once per CPU
 // capability, which an extension cannot reuse): the hot elementwise loops get an AVX2 clone
 // picked at load time, and the half types get AVX2 / F16C paths chosen at run time. The clone
-// is chosen by the "avx2" feature, not by "arch=haswell": GCC resolves an arch= clone with
-// __builtin_cpu_is, which is false on every AMD CPU, so AVX2 AMD machines ran the SSE2 clone.
+// is chosen by the avx2 feature bit, not by "arch=haswell": GCC resolves an arch= clone by CPU
+// model, true on Haswell itself only, so every other CPU (Intel or AMD) ran the SSE2 clone.
+// GCC only: clang resolves target_clones differently, and other compilers have none.
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
 #define PEDRO_X86_CLONES 1
-#define PEDRO_CPU_CLONES __attribute__((target_clones("avx2", "default")))
+#define PEDRO_CLONE_ISA "avx2"
+#define PEDRO_CPU_CLONES __attribute__((target_clones(PEDRO_CLONE_ISA, "default")))
 #else
 #define PEDRO_CPU_CLONES
 #endif
@@ -206,19 +208,27 @@ void dispatch_activation(Activation a, F f) {
   }
 }
 
-}  // namespace
-
-// Versions resolved by the same rule as the clones of the elementwise loops above, so it names
-// the one they run (a clone's body cannot tell: __AVX2__ is fixed before cloning).
-// Called here: a caller in another translation unit would bind to the default version.
+// Versions of one function, resolved by the same feature test as the clones above (one target
+// string for both), so it names the clone the loops run; a clone's own body cannot tell, since
+// __AVX2__ is fixed before cloning. Called from this file only: a caller in another translation
+// unit would bind to the default version.
 #ifdef PEDRO_X86_CLONES
-__attribute__((target("avx2"))) const char* resolved_isa() { return "avx2"; }
+__attribute__((target(PEDRO_CLONE_ISA))) const char* resolved_isa() { return PEDRO_CLONE_ISA; }
 __attribute__((target("default"))) const char* resolved_isa() { return "baseline"; }
 #else
 const char* resolved_isa() { return "baseline"; }
 #endif
 
+}  // namespace
+
 const char* cpu_kernel_isa() { return resolved_isa(); }
+bool cpu_kernel_clones() {
+#ifdef PEDRO_X86_CLONES
+  return true;
+#else
+  return false;
+#endif
+}
 
 Tensor modulate_cpu(const Tensor& x, const Tensor& vectors, const std::optional<Tensor>& seq_ids,
                     bool check_ids) {

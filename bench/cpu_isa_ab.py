@@ -91,9 +91,10 @@ def run_worker(tree: str) -> dict:
 def commit_of(tree: str) -> str:
     proc = subprocess.run(["git", "-C", tree, "rev-parse", "HEAD"], capture_output=True,
                           text=True, check=False)
-    dirty = subprocess.run(["git", "-C", tree, "status", "--porcelain", "--untracked-files=no"],
+    dirty = subprocess.run(["git", "-C", tree, "status", "--porcelain", "--untracked-files=no",
+                            "--", "csrc", "setup.py"],  # what the build is made of
                            capture_output=True, text=True, check=False).stdout.strip()
-    return (proc.stdout.strip() or "unknown") + (" (with uncommitted changes)" if dirty else "")
+    return (proc.stdout.strip() or "unknown") + (" (csrc with uncommitted changes)" if dirty else "")
 
 
 def summarise(names, rounds) -> dict:

@@ -94,7 +94,8 @@ def commit_of(tree: str) -> str:
     dirty = subprocess.run(["git", "-C", tree, "status", "--porcelain", "--untracked-files=no",
                             "--", "csrc", "setup.py"],  # what the build is made of
                            capture_output=True, text=True, check=False).stdout.strip()
-    return (proc.stdout.strip() or "unknown") + (" (csrc with uncommitted changes)" if dirty else "")
+    suffix = " (csrc with uncommitted changes)" if dirty else ""
+    return (proc.stdout.strip() or "unknown") + suffix
 
 
 def summarise(names, rounds) -> dict:

@@ -25,7 +25,7 @@ namespace {
 // picked at load time, and the half types get AVX2 / F16C paths chosen at run time. The clone
 // is chosen by the avx2 feature bit, not by "arch=haswell": GCC resolves an arch= clone by CPU
 // model, true on Haswell itself only, so every other CPU (Intel or AMD) ran the SSE2 clone.
-// GCC only: clang resolves target_clones differently, and other compilers have none.
+// GCC builds only: other compilers compile each loop once, for the baseline.
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
 #define PEDRO_X86_CLONES 1
 #define PEDRO_CLONE_ISA "avx2"

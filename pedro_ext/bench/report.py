@@ -166,8 +166,8 @@ def _header(result: dict) -> str:
     isa = f", pedro_ext CPU loops {isa}" if isa and m["device"] == "cpu" else ""
     return (f"machine: {m['device_name']} ({m['device']}), {m['cpu_count']} CPUs, torch "
             f"{m['torch']} with {m.get('torch_threads', '?')} threads{load}{isa}; preset "
-            f"{s['preset']}, {s['dtype']}; copy bandwidth {s.get('copy_gbs', float('nan')):.1f} GB/s (256 MiB, "
-            f"median)")
+            f"{s['preset']}, {s['dtype']}; copy bandwidth {s.get('copy_gbs', float('nan')):.1f} "
+            f"GB/s (256 MiB, median)")
 
 
 def console_report(result: dict) -> str:

@@ -11,7 +11,9 @@ per request), with torch's own eager ops on the same tensors as a yardstick, and
 medians. Each call takes the next of enough input sets to fill 128 MiB (four times this VM's
 32 MiB L3) so that, as in a decoding step whose weights evict them, its inputs come from memory.
 Reported: each figure's median over rounds with its range, and the trees' ratio per round with
-the number of rounds in which the first tree was the slower.
+the number of rounds in which the first tree was the slower. A time shorter than moving the
+call's bytes at twice the worker's best copy bandwidth is impossible: it is refused (left out,
+and listed with its reason).
 """
 import argparse
 import json
@@ -43,10 +45,15 @@ def worker() -> dict:
     import torch.nn.functional as F
 
     import pedro_ext  # (registers the ops)
+    from pedro_ext.bench.sanity import READ_OVER_COPY
+    from pedro_ext.bench.timing import copy_bandwidth_gbs
     torch.set_num_threads(1)
     ops = torch.ops.pedro_ext
+    copy_gbs = copy_bandwidth_gbs(INPUT_BYTES // 4, torch.float32, torch.device("cpu"), warmup=2,
+                                  repeats=5, best=True)
     out = {"cpu_kernel_isa": pedro_ext.build_info().get("cpu_kernel_isa", "not reported"),
-           "pedro_ext_file": os.path.realpath(pedro_ext._C.__file__), "figures": {}}
+           "pedro_ext_file": os.path.realpath(pedro_ext._C.__file__), "copy_gbs": copy_gbs,
+           "figures": {}, "refused": {}}
     gen = torch.Generator().manual_seed(0)
     for name, width in WIDTHS.items():
         for b in BATCHES:
@@ -64,10 +71,19 @@ def worker() -> dict:
                         for _ in range(n_sets)]
                 ours = lambda y, v: ops.modulate_(y, v, None, False)
                 torch_ops = lambda y, v: y.mul_(v.unsqueeze(1))
-            for fn in (ours, torch_ops):  # warm-up
-                _time_calls(fn, sets, repeats=1)
-            out["figures"][f"{name} B={b}"] = {"pedro_ext_us": _time_calls(ours, sets),
-                                               "torch_us": _time_calls(torch_ops, sets)}
+            # bytes a call reads and writes: y and v, or gate, up, v and the output
+            floor_us = (4 if fused else 3) * b * width * 4 / (READ_OVER_COPY * copy_gbs * 1e3)
+            key = f"{name} B={b}"
+            out["figures"][key] = {}
+            for field, fn in (("pedro_ext_us", ours), ("torch_us", torch_ops)):
+                _time_calls(fn, sets, repeats=1)  # warm-up
+                us = _time_calls(fn, sets)
+                if us < floor_us:
+                    out["refused"][f"{key} {field}"] = (
+                        f"{us:.3g} us is faster than moving its bytes ({floor_us:.3g} us at "
+                        f"{READ_OVER_COPY:g}x the best copy bandwidth, {copy_gbs:.1f} GB/s)")
+                    us = None
+                out["figures"][key][field] = us
             del sets
     return out
 
@@ -98,6 +114,14 @@ def commit_of(tree: str) -> str:
     return (proc.stdout.strip() or "unknown") + suffix
 
 
+def _stats(vals) -> dict:
+    """Median and range of the figures that were not refused (None: all were)."""
+    vals = [v for v in vals if v is not None]
+    if not vals:
+        return {"median": None, "min": None, "max": None}
+    return {"median": statistics.median(vals), "min": min(vals), "max": max(vals)}
+
+
 def summarise(names, rounds) -> dict:
     figures = rounds[0][names[0]]["figures"]
     table = {}
@@ -105,16 +129,20 @@ def summarise(names, rounds) -> dict:
         row = {}
         for n in names:
             for field in ("pedro_ext_us", "torch_us"):
-                vals = [r[n]["figures"][key][field] for r in rounds]
-                row[f"{n} {field}"] = {"median": statistics.median(vals), "min": min(vals),
-                                       "max": max(vals)}
+                row[f"{n} {field}"] = _stats([r[n]["figures"][key][field] for r in rounds])
         a, b = names
-        ratios = [r[a]["figures"][key]["pedro_ext_us"] / r[b]["figures"][key]["pedro_ext_us"]
-                  for r in rounds]
-        row[f"{a} / {b} time"] = {"median": statistics.median(ratios), "min": min(ratios),
-                                  "max": max(ratios), "rounds_slower": sum(r > 1 for r in ratios)}
+        times = [(r[a]["figures"][key]["pedro_ext_us"], r[b]["figures"][key]["pedro_ext_us"])
+                 for r in rounds]
+        ratios = [ta / tb for ta, tb in times if ta is not None and tb is not None]
+        row[f"{a} / {b} time"] = dict(_stats(ratios), rounds=len(ratios),
+                                      rounds_slower=sum(r > 1 for r in ratios))
         table[key] = row
     return table
+
+
+def refusals(names, rounds) -> list:
+    return [f"round {i + 1}, {n}: {what}: {why}" for i, r in enumerate(rounds) for n in names
+            for what, why in r[n].get("refused", {}).items()]
 
 
 def markdown(result: dict) -> str:
@@ -126,12 +154,17 @@ def markdown(result: dict) -> str:
              f"tensors in each tree's process as a yardstick.", "",
              f"| op, batch | {a} | {b} | {a} / {b} time | rounds {a} slower | torch eager ({a} / "
              f"{b} process) |", "|---|---|---|---|---|---|"]
-    fmt = lambda d: f"{d['median']:.2f} ({d['min']:.2f}-{d['max']:.2f})"
+    fmt = lambda d: ("REFUSED" if d["median"] is None
+                     else f"{d['median']:.2f} ({d['min']:.2f}-{d['max']:.2f})")
+    med = lambda d: "REFUSED" if d["median"] is None else f"{d['median']:.2f}"
     for key, row in result["table"].items():
+        ratio = row[f"{a} / {b} time"]
         lines.append(f"| {key} | {fmt(row[f'{a} pedro_ext_us'])} | {fmt(row[f'{b} pedro_ext_us'])}"
-                     f" | {fmt(row[f'{a} / {b} time'])} | {row[f'{a} / {b} time']['rounds_slower']}"
-                     f" of {result['rounds']} | {row[f'{a} torch_us']['median']:.2f} / "
-                     f"{row[f'{b} torch_us']['median']:.2f} |")
+                     f" | {fmt(ratio)} | {ratio['rounds_slower']} of {ratio['rounds']} | "
+                     f"{med(row[f'{a} torch_us'])} / {med(row[f'{b} torch_us'])} |")
+    refused = result.get("refused") or []
+    if refused:
+        lines += ["", "Refused figures (left out above):", ""] + [f"- {r}" for r in refused]
     return "\n".join(lines)
 
 
@@ -164,7 +197,8 @@ def main(argv=None):
                          f"{load:.1f} at the end",
               "isa": {n: rounds[0][n]["cpu_kernel_isa"] for n in names},
               "commits": {n: commit_of(trees[n]) for n in names},
-              "table": summarise(names, rounds), "per_round": rounds}
+              "table": summarise(names, rounds), "refused": refusals(names, rounds),
+              "per_round": rounds}
     text = markdown(result)
     print(text)
     if args.out:

@@ -346,16 +346,34 @@ def test_report_header_names_the_cpu_loops_in_use():
 
 def test_cpu_isa_ab_pairs_the_trees_per_round():
     """bench/cpu_isa_ab.py: each figure's median and range over rounds per tree, and the ratio of
-    the two trees' times taken within each round (not a ratio of medians)."""
-    from bench.cpu_isa_ab import markdown, summarise
+    the two trees' times taken within each round (not a ratio of medians); refused figures are
+    left out and listed."""
+    from bench.cpu_isa_ab import markdown, refusals, summarise
     fig = lambda us: {"k": {"pedro_ext_us": us, "torch_us": 1.0}}
     rounds = [{"a": {"figures": fig(a)}, "b": {"figures": fig(b)}}
               for a, b in ((2.0, 1.0), (9.0, 10.0), (3.0, 4.0))]
     row = summarise(["a", "b"], rounds)["k"]
     assert row["a pedro_ext_us"] == {"median": 3.0, "min": 2.0, "max": 9.0}
     # (the ratio of the medians would be 0.75)
-    assert row["a / b time"] == {"median": 0.9, "min": 0.75, "max": 2.0, "rounds_slower": 1}
+    assert row["a / b time"] == {"median": 0.9, "min": 0.75, "max": 2.0, "rounds": 3,
+                                 "rounds_slower": 1}
     text = markdown(dict(trees=["a", "b"], rounds=3, machine="m", isa={"a": "x", "b": "y"},
                          commits={"a": "c1", "b": "c2"}, table={"k": row}))
     assert ("| k | 3.00 (2.00-9.00) | 4.00 (1.00-10.00) | 0.90 (0.75-2.00) | 1 of 3 | "
             "1.00 / 1.00 |") in text and "(commit c1)" in text
+    # a refused figure (None, with its reason) leaves its round out of the figure and the ratio
+    rounds[0]["a"]["figures"]["k"]["pedro_ext_us"] = None
+    rounds[0]["a"]["refused"] = {"k pedro_ext_us": "too fast"}
+    row = summarise(["a", "b"], rounds)["k"]
+    assert row["a pedro_ext_us"] == {"median": 6.0, "min": 3.0, "max": 9.0}
+    assert row["a / b time"] == {"median": 0.825, "min": 0.75, "max": 0.9, "rounds": 2,
+                                 "rounds_slower": 0}
+    assert refusals(["a", "b"], rounds) == ["round 1, a: k pedro_ext_us: too fast"]
+    for r in rounds:
+        r["a"]["figures"]["k"]["pedro_ext_us"] = None
+    table = summarise(["a", "b"], rounds)
+    text = markdown(dict(trees=["a", "b"], rounds=3, machine="m", isa={"a": "x", "b": "y"},
+                         commits={"a": "c1", "b": "c2"}, table=table,
+                         refused=refusals(["a", "b"], rounds)))
+    assert "| k | REFUSED | 4.00 (1.00-10.00) | REFUSED | 0 of 0 | 1.00 / 1.00 |" in text
+    assert "- round 1, a: k pedro_ext_us: too fast" in text
